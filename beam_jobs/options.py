@@ -1,0 +1,101 @@
+"""Runner defaults shared by the Beam jobs: Beam's Python FnApiRunner locally, every other runner unchanged.
+
+Why not plain ``--runner=DirectRunner``: since Beam 2.6x the DirectRunner first hands a pipeline to the Go
+PrismRunner, which downloads its binary from GitHub on first use; offline that costs a failed download before Beam
+falls back. When the user names no runner we therefore instantiate ``FnApiRunner`` ourselves (the engine the
+DirectRunner falls back to) and run its workers as separate processes (``direct_running_mode=multi_processing``,
+one per core unless ``--direct_num_workers`` says otherwise; a single worker stays in process). Nothing here
+touches the network. A named runner (``DataflowRunner``, ``DirectRunner``, ``PrismRunner`` ...) gets the options
+exactly as given, except that Dataflow is pointed at this repository's ``setup.py`` when no other way of
+shipping the code to the workers was chosen.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, SetupOptions,
+                                                  StandardOptions)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Each local worker process gets one BLAS thread: N single-threaded workers beat N workers fighting over cores.
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_CODE_SHIPPING_OPTIONS = ("setup_file", "requirements_file", "extra_packages", "sdk_container_image")
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _given(beam_args: Sequence[str], flag: str) -> bool:
+    """Whether ``--flag`` (as ``--flag=x`` or ``--flag x``) appears in ``beam_args``."""
+    return any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in beam_args)
+
+
+def is_local(options: PipelineOptions) -> bool:
+    """True when no runner was named, i.e. the job runs on our local FnApiRunner."""
+    return options.view_as(StandardOptions).runner is None
+
+
+def make_pipeline_options(beam_args: Sequence[str], save_main_session: bool = True) -> PipelineOptions:
+    """Beam options from the command-line arguments our own parser did not consume, with local defaults.
+
+    Args:
+        beam_args: leftover arguments, e.g. ``["--runner=DataflowRunner", "--project=p"]`` or ``[]``.
+        save_main_session: pickle the ``__main__`` module's globals for the workers (Beam examples' default).
+    """
+    beam_args = list(beam_args)
+    options = PipelineOptions(beam_args)
+    options.view_as(SetupOptions).save_main_session = save_main_session
+    if is_local(options):
+        direct = options.view_as(DirectOptions)
+        if not _given(beam_args, "direct_num_workers"):
+            direct.direct_num_workers = os.cpu_count() or 1
+        if direct.direct_num_workers == 0:
+            direct.direct_num_workers = os.cpu_count() or 1
+        if not _given(beam_args, "direct_running_mode"):
+            direct.direct_running_mode = "multi_processing" if direct.direct_num_workers > 1 else "in_memory"
+    elif options.view_as(StandardOptions).runner in ("DataflowRunner", "dataflow"):
+        all_options = options.get_all_options()
+        shipped = any(all_options.get(name) for name in _CODE_SHIPPING_OPTIONS)
+        if not shipped and (REPO_ROOT / "setup.py").exists():
+            setup = options.view_as(SetupOptions)
+            setup.setup_file = str(REPO_ROOT / "setup.py")
+            _LOGGER.info("Dataflow workers will install this project from %s", setup.setup_file)
+    return options
+
+
+def prepare_local_workers() -> None:
+    """Environment that local worker subprocesses inherit: one BLAS thread each, this project importable.
+
+    Must run before the runner starts its workers. Values the user already set are kept.
+    """
+    for var in BLAS_THREAD_VARS:
+        os.environ.setdefault(var, "1")
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(REPO_ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
+
+
+def make_runner(options: PipelineOptions) -> beam.runners.PipelineRunner | None:
+    """The runner to construct a pipeline with: our FnApiRunner when none was named, else None (Beam picks it)."""
+    if not is_local(options):
+        return None
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    prepare_local_workers()
+    return FnApiRunner()
+
+
+def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
+    """A pipeline on ``make_runner(options)``; the default factory of every job in ``beam_jobs``."""
+    return beam.Pipeline(runner=make_runner(options), options=options)
+
+
+def runner_name(options: PipelineOptions) -> str:
+    """Human-readable runner description for config files and logs."""
+    if is_local(options):
+        direct = options.view_as(DirectOptions)
+        return f"FnApiRunner({direct.direct_running_mode}, workers={direct.direct_num_workers})"
+    return str(options.view_as(StandardOptions).runner)

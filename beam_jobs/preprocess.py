@@ -1,0 +1,854 @@
+"""YouTube-8M TFRecords -> PCA-whitened Parquet shards, with a dead letter for every unusable record.
+
+    python -m beam_jobs.preprocess --input 'raw/train/*.tfrecord' --output data/train [--pca-dims 512]
+    python -m beam_jobs.preprocess --input 'raw/validate/*.tfrecord' --output data/validate \\
+        --whitening data/train/whitening.npz
+
+Two passes, run as two Beam pipelines one after the other from this process:
+
+* pass 1 ("fit", skipped with ``--whitening``): read -> decode -> per-feature ``MomentAccumulator`` combined
+  globally -> ``OUT/moments.npz``; this process then fits the whitening and writes ``OUT/whitening.npz``.
+* pass 2 ("write"): read -> decode -> whiten (statistics loaded once per worker in ``DoFn.setup``) -> Parquet
+  shards under ``OUT/shards/``; unusable records -> ``OUT/dead_letter/``.
+
+Why two pipelines rather than one with the fitted statistics as a side input: every shard's schema records the
+SHA-256 of the whitening file and the whitened dims, and Beam's ``WriteToParquet`` fixes its schema when the
+pipeline is built, so the statistics must exist before pass 2 is built. Fitting in this process also turns a fit
+that cannot be done (no valid frames) into a plain error message rather than a failed worker, and keeps the
+counters of pass 2 the only ones the summary reads. The input is decoded once per pass either way, which is
+cheaper than materializing decoded frames between the passes. On Dataflow this means two jobs for a training
+split and one for validation/test splits.
+
+Reading does not use ``ReadFromTFRecord``, which fails the whole job on one corrupt record: matched files are read
+with ``pipeline.tfrecord`` (CRC32C-checked framing). Nothing is dropped silently; the invariant, checked in the
+summary, is ``read = written + dead_lettered`` where "read" counts every intact TFRecord payload plus every framing
+corruption found: a payload with a bad data CRC is one record, and a broken length field or a truncation, which
+ends the readable part of its file, counts as one record too. Frames past 300 and rated segments that start past a
+video's last frame are cut and counted (``truncated_frames``, ``dropped_segments``), not dead-lettered.
+
+Outputs: ``OUT/whitening.npz``, ``OUT/shards/part-SSSSS-of-NNNNN.parquet``, ``OUT/dead_letter/dead-00000-of-00001
+.jsonl`` (always written, empty when every record was usable; one JSON object per line: source, position = byte
+offset of the record in its file, reason, message, id when known), ``OUT/config.json`` (resolved flags, written
+first) and ``OUT/summary.json`` (counts, written last). A rerun into the same ``OUT`` first deletes ``shards/``,
+``dead_letter/`` and ``summary.json``, so old and new shards never mix.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import posixpath
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Sequence
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineState
+
+from beam_jobs import options as job_options
+from pipeline import shards
+from pipeline.errors import RecordError, TFRecordCorruption, Yt8mError
+from pipeline.records import FEATURE_DIMS, VideoRecord, decode_record, decode_sequence_example
+from pipeline.tfrecord import iter_records, read_records
+from pipeline.whitening import MomentAccumulator, WhiteningError, WhiteningSet, file_sha256, fit_whitening_set
+
+METRICS_NAMESPACE = "yt8m_preprocess"  # pass 2: the counts the summary reports
+FIT_METRICS_NAMESPACE = "yt8m_preprocess_fit"  # pass 1 decodes the same records; kept apart so nothing counts twice
+DEAD_LETTER = "dead_letter"
+# Our own dead-letter reasons on top of RecordError's: video-level means are floats and may hold NaN or inf;
+# a whitened value may overflow float16.
+NON_FINITE = "non_finite"
+NOT_STORABLE = "not_storable"
+# Frames gathered before one MomentAccumulator.add: big enough for an efficient syrk, 16 MB of float32 at D = 1024.
+FIT_BATCH_FRAMES = 4096
+# Parquet row groups of about 8 MiB uncompressed (~14 full-length float16 rgb videos): the unit model.data can
+# hand to separate readers when there are fewer shards than readers.
+ROW_GROUP_BYTES = 8 << 20
+ROW_BATCH = 8
+
+_LOGGER = logging.getLogger(__name__)
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+class PreprocessError(Yt8mError):
+    """The preprocessing job cannot run as asked; ``main`` prints it as one line."""
+
+
+class FlagError(PreprocessError):
+    """Flags that contradict each other or name unknown features."""
+
+
+class NoInputError(PreprocessError):
+    """``--input`` matches no file."""
+
+
+class WhiteningFileError(PreprocessError):
+    """The ``--whitening`` file cannot be read."""
+
+
+class DimsMismatchError(PreprocessError):
+    """The whitening statistics do not fit the selected features."""
+
+
+class FitError(PreprocessError):
+    """Pass 1 found too little valid data to fit a whitening."""
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobConfig:
+    """Resolved flags of one preprocessing run (written to ``OUT/config.json``).
+
+    Args:
+        input: file pattern of the TFRecords (local path, glob or gs:// URL).
+        output: output directory.
+        level: "frame" (SequenceExample per video) or "video" (Example with mean features, one time step).
+        features: feature names, e.g. ("rgb",) or ("rgb", "audio").
+        pca_dims: feature -> kept components; a feature not in it keeps all of its dims.
+        whitening: path of existing statistics to reuse, or None to fit them (pass 1).
+        dtype: storage dtype of whitened frames, "float16" or "float32".
+        epsilon: added to eigenvalues before the inverse square root.
+        mode: "pca" or "zca".
+        num_shards: Parquet files to write; 0 lets the runner choose (no extra shuffle).
+    """
+    input: str
+    output: str
+    level: str = "frame"
+    features: tuple[str, ...] = ("rgb",)
+    pca_dims: dict | None = None
+    whitening: str | None = None
+    dtype: str = "float16"
+    epsilon: float = 1e-4
+    mode: str = "pca"
+    num_shards: int = 0
+
+    def path(self, *parts: str) -> str:
+        return _join(self.output, *parts)
+
+
+def parse_features(text: str) -> tuple[str, ...]:
+    """"rgb,audio" -> ("rgb", "audio"); raises FlagError on unknown or repeated names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in FEATURE_DIMS]
+    if not names or unknown:
+        raise FlagError(f"--features {text!r}: expected a comma-separated subset of {sorted(FEATURE_DIMS)}")
+    if len(set(names)) != len(names):
+        raise FlagError(f"--features {text!r} names a feature twice")
+    return names
+
+
+def parse_pca_dims(text: str | None, features: Sequence[str]) -> dict | None:
+    """Resolve ``--pca-dims``: None keeps every dim; ``N`` keeps at most N per feature (min(N, D)); ``rgb=512,
+    audio=64`` sets each feature (unnamed ones keep all dims)."""
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        if "=" not in text:
+            n = int(text)
+            if n < 1:
+                raise FlagError(f"--pca-dims must be positive, got {n}")
+            return {name: min(n, FEATURE_DIMS[name]) for name in features}
+        dims = {}
+        for part in text.split(","):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in features:
+                raise FlagError(f"--pca-dims names {name!r}, which is not among --features {','.join(features)}")
+            dims[name] = int(value)
+    except ValueError:
+        raise FlagError(f"--pca-dims {text!r}: expected N or name=N[,name=N]") from None
+    for name, n in dims.items():
+        if not 1 <= n <= FEATURE_DIMS[name]:
+            raise FlagError(f"--pca-dims {name}={n}: must be between 1 and {FEATURE_DIMS[name]}")
+    return dims
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m beam_jobs.preprocess", description=__doc__.splitlines()[0],
+        epilog="Any other --flag is a Beam pipeline option (e.g. --runner=DataflowRunner --project=P "
+               "--region=R --temp_location=gs://B/tmp, or --direct_num_workers=4 for the local runner).")
+    p.add_argument("--input", required=True, help="TFRecord file pattern: local glob or gs:// pattern (quote it)")
+    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    p.add_argument("--level", choices=("frame", "video"), default="frame",
+                   help="frame: SequenceExample per video; video: Example with mean_rgb/mean_audio (1 time step)")
+    p.add_argument("--features", default="rgb", help="rgb or rgb,audio (each whitened separately)")
+    p.add_argument("--pca-dims", default=None,
+                   help="components to keep: N (per feature, at most its dims) or rgb=512,audio=64; "
+                        "default: all dims (whitening without reduction)")
+    p.add_argument("--whitening", default=None,
+                   help="reuse this whitening.npz (validation/test splits: the training split's); skips pass 1")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype of frames")
+    p.add_argument("--epsilon", type=float, default=1e-4,
+                   help="added to each eigenvalue before 1/sqrt (YouTube-8M's own PCA used 1e-4)")
+    p.add_argument("--zca", action="store_true", help="ZCA whitening (rotate back to the input axes; all dims)")
+    p.add_argument("--num-shards", type=int, default=0,
+                   help="Parquet files to write; 0 (default) lets the runner decide, avoiding an extra shuffle")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> JobConfig:
+    """Check the flags against each other and build the ``JobConfig``; raises ``FlagError``."""
+    features = parse_features(args.features)
+    pca_dims = parse_pca_dims(args.pca_dims, features)
+    if args.zca and pca_dims and any(n != FEATURE_DIMS[f] for f, n in pca_dims.items()):
+        raise FlagError("--zca keeps every dim (it rotates back to the input axes); drop --pca-dims")
+    if args.num_shards < 0:
+        raise FlagError(f"--num-shards must be >= 0, got {args.num_shards}")
+    if not args.epsilon >= 0:
+        raise FlagError(f"--epsilon must be >= 0, got {args.epsilon}")
+    return JobConfig(input=args.input, output=args.output.rstrip("/") or "/", level=args.level,
+                     features=features, pca_dims=pca_dims, whitening=args.whitening, dtype=args.dtype,
+                     epsilon=args.epsilon, mode="zca" if args.zca else "pca", num_shards=args.num_shards)
+
+
+# -- file helpers (fsspec: local paths and gs:// alike) -----------------------------------------------------------
+def _join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if "://" in base else os.path.join(base, *parts)
+
+
+def _write_text(path: str, text: str) -> None:
+    with fsspec.open(path, "w") as f:
+        f.write(text)
+
+
+def _remove(path: str) -> None:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if fs.exists(fs_path):
+        fs.rm(fs_path, recursive=True)
+
+
+def match_input(pattern: str) -> list[str]:
+    """Sorted files matching ``pattern`` (directories left out); raises ``NoInputError`` when there are none."""
+    try:
+        metadata = FileSystems.match([pattern])[0].metadata_list
+    except Exception as e:  # Beam wraps every filesystem failure in BeamIOError
+        raise NoInputError(f"--input {pattern!r}: cannot list files ({e})") from None
+    paths = sorted(m.path for m in metadata if not m.path.endswith("/") and not os.path.isdir(m.path))
+    if not paths:
+        hint = " (it is a directory: add /*.tfrecord)" if os.path.isdir(pattern) else ""
+        raise NoInputError(f"--input {pattern!r} matches no file{hint}")
+    return paths
+
+
+def dead_letter(source: str, position: int | None, reason: str, message: str,
+                video_id: str | None = None) -> dict:
+    """One dead-letter entry, as written (one JSON object per line) to ``OUT/dead_letter/``."""
+    return {"source": source, "position": position, "reason": reason, "message": message, "id": video_id}
+
+
+class _BlasLimit:
+    """Caps BLAS threads of this process while a bundle runs (Dataflow runs one SDK process per core)."""
+
+    def __init__(self, threads: int | None):
+        self.threads = threads
+        self._controller = self._limiter = None
+
+    def __getstate__(self):
+        return {"threads": self.threads}
+
+    def __setstate__(self, state):
+        self.__init__(state["threads"])
+
+    def enter(self) -> None:
+        if self.threads is None:
+            return
+        if self._controller is None:
+            from threadpoolctl import ThreadpoolController
+            self._controller = ThreadpoolController()
+        self._limiter = self._controller.limit(limits=self.threads, user_api="blas")
+
+    def exit(self) -> None:
+        if self._limiter is not None:
+            self._limiter.restore_original_limits()
+            self._limiter = None
+
+
+# -- DoFns and transforms --------------------------------------------------------------------------------------
+class ReadTFRecordFramingFn(beam.DoFn):
+    """``fileio.ReadableFile`` -> ``(source: str, position: int, payload: bytes)`` per intact record;
+    tagged ``dead_letter``: a dict (``dead_letter``) per framing corruption (bad CRC, truncation).
+
+    Args:
+        namespace: metrics namespace; counts ``read_records``.
+    """
+
+    def __init__(self, namespace: str = METRICS_NAMESPACE):
+        self.namespace = namespace
+
+    def setup(self):
+        self.read = Metrics.counter(self.namespace, "read_records")
+
+    def process(self, readable_file) -> Iterator:
+        source = readable_file.metadata.path
+        with readable_file.open(mime_type="application/octet-stream") as f:
+            for item in iter_records(f, verify=True, on_error="yield", source=source):
+                self.read.inc()
+                if isinstance(item, TFRecordCorruption):
+                    yield beam.pvalue.TaggedOutput(
+                        DEAD_LETTER, dead_letter(source, item.offset, item.reason, item.message))
+                else:
+                    position, payload = item
+                    yield source, position, payload
+
+
+class DecodeVideoFn(beam.DoFn):
+    """``(source, position, payload)`` -> ``(source, position, VideoRecord)`` with every selected feature;
+    tagged ``dead_letter``: a dict per record that fails validation (``RecordError.reason``, or ``non_finite``).
+
+    Args:
+        level: "frame" or "video".
+        features: feature names every record must carry.
+        namespace: metrics namespace; counts ``truncated_records``, ``truncated_frames``, ``dropped_segments``.
+    """
+
+    def __init__(self, level: str, features: Sequence[str], namespace: str = METRICS_NAMESPACE):
+        self.level, self.features, self.namespace = level, tuple(features), namespace
+
+    def setup(self):
+        self.truncated_records = Metrics.counter(self.namespace, "truncated_records")
+        self.truncated_frames = Metrics.counter(self.namespace, "truncated_frames")
+        self.dropped_segments = Metrics.counter(self.namespace, "dropped_segments")
+
+    def process(self, element) -> Iterator:
+        source, position, payload = element
+        try:
+            record = decode_record(payload, level=self.level)
+            for name in self.features:
+                value = getattr(record, name)
+                if value is None:
+                    raise RecordError("missing_feature", f"record has no {name!r} feature", record.id)
+                if value.dtype != np.uint8 and not np.isfinite(value).all():
+                    yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(
+                        source, position, NON_FINITE, f"{name!r} holds NaN or infinite values", record.id))
+                    return
+        except RecordError as e:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(source, position, e.reason, e.message,
+                                                                    e.video_id))
+            return
+        if record.truncated_frames:
+            self.truncated_records.inc()
+            self.truncated_frames.inc(record.truncated_frames)
+        if record.dropped_segments:
+            self.dropped_segments.inc(record.dropped_segments)
+        yield source, position, record
+
+
+class ReadVideoRecords(beam.PTransform):
+    """PBegin -> ``(videos, dead_letters)`` from TFRecord files: ``videos`` holds ``(source, position,
+    VideoRecord)``, ``dead_letters`` the dicts of ``dead_letter``.
+
+    Args:
+        paths: the files to read (already matched, see ``match_input``).
+        level, features: as ``DecodeVideoFn``.
+        namespace: metrics namespace of the read and decode steps.
+    """
+
+    def __init__(self, paths: Sequence[str], level: str, features: Sequence[str],
+                 namespace: str = METRICS_NAMESPACE):
+        super().__init__()
+        self.paths, self.level, self.features, self.namespace = list(paths), level, tuple(features), namespace
+
+    def expand(self, pbegin):
+        from apache_beam.io import fileio
+
+        files = (pbegin
+                 | "ListFiles" >> beam.Create(self.paths)
+                 # Spread files over workers; keeps the file list from fusing with the (slow) reads.
+                 | "SpreadFiles" >> beam.Reshuffle()
+                 | "OpenFiles" >> fileio.ReadMatches())
+        framed = files | "ReadFraming" >> beam.ParDo(ReadTFRecordFramingFn(self.namespace)).with_outputs(
+            DEAD_LETTER, main="records")
+        decoded = framed.records | "Decode" >> beam.ParDo(
+            DecodeVideoFn(self.level, self.features, self.namespace)).with_outputs(DEAD_LETTER, main="videos")
+        dead = (framed[DEAD_LETTER], decoded[DEAD_LETTER]) | "MergeDeadLetters" >> beam.Flatten()
+        return decoded.videos, dead
+
+
+class FeatureMoments:
+    """Combiner accumulator: one ``MomentAccumulator`` per feature plus frames waiting to be added in a batch.
+
+    Args:
+        features: feature names.
+        batch_frames: pending frames that trigger one ``MomentAccumulator.add``.
+        blas_threads: BLAS threads while adding (None: leave as is).
+    """
+
+    def __init__(self, features: Sequence[str], batch_frames: int = FIT_BATCH_FRAMES,
+                 blas_threads: int | None = 1):
+        self.moments = {name: MomentAccumulator(FEATURE_DIMS[name]) for name in features}
+        self.pending: dict[str, list[np.ndarray]] = {name: [] for name in features}
+        self.pending_frames = 0
+        self.batch_frames = batch_frames
+        self.blas = _BlasLimit(blas_threads)
+
+    def add(self, record: VideoRecord) -> None:
+        """Queue the selected features of one video."""
+        for name in self.moments:
+            self.pending[name].append(getattr(record, name))  # uint8 codes (frame level) or float32 means
+        self.pending_frames += record.num_frames
+        if self.pending_frames >= self.batch_frames:
+            self.flush()
+
+    def flush(self) -> "FeatureMoments":
+        if self.pending_frames:
+            self.blas.enter()
+            try:
+                for name, acc in self.moments.items():
+                    frames = np.concatenate(self.pending[name])  # (N, D)
+                    if frames.dtype == np.uint8:
+                        from pipeline.records import dequantize
+                        frames = dequantize(frames)
+                    acc.add(frames)
+                    self.pending[name] = []
+            finally:
+                self.blas.exit()
+            self.pending_frames = 0
+        return self
+
+    def merge(self, other: "FeatureMoments") -> None:
+        other.flush()
+        self.moments = {name: acc.merge(other.moments[name]) for name, acc in self.moments.items()}
+
+    def __getstate__(self):
+        # Only the moments travel between workers; pending frames are folded in first.
+        self.flush()
+        return {"moments": self.moments, "batch_frames": self.batch_frames, "blas": self.blas.threads}
+
+    def __setstate__(self, state):
+        self.moments = state["moments"]
+        self.pending = {name: [] for name in self.moments}
+        self.pending_frames = 0
+        self.batch_frames = state["batch_frames"]
+        self.blas = _BlasLimit(state["blas"])
+
+
+class MomentsCombineFn(beam.CombineFn):
+    """``(source, position, VideoRecord)`` -> ``{feature: MomentAccumulator}`` (count, mean, scatter of all
+    frames, float64).
+
+    Frames are buffered and added ``batch_frames`` at a time: one (4096, D) rank-k update is far faster than
+    hundreds of per-video ones.
+
+    Args:
+        features: feature names to accumulate.
+        batch_frames: frames per accumulator update.
+        blas_threads: BLAS threads while adding (None: leave as is).
+    """
+
+    def __init__(self, features: Sequence[str], batch_frames: int = FIT_BATCH_FRAMES,
+                 blas_threads: int | None = 1):
+        self.features, self.batch_frames, self.blas_threads = tuple(features), batch_frames, blas_threads
+
+    def create_accumulator(self) -> FeatureMoments:
+        return FeatureMoments(self.features, self.batch_frames, self.blas_threads)
+
+    def add_input(self, acc: FeatureMoments, element) -> FeatureMoments:
+        acc.add(element[2])
+        return acc
+
+    def merge_accumulators(self, accumulators) -> FeatureMoments:
+        it = iter(accumulators)
+        out = next(it)
+        for acc in it:
+            out.merge(acc)
+        return out
+
+    def compact(self, acc: FeatureMoments) -> FeatureMoments:
+        return acc.flush()
+
+    def extract_output(self, acc: FeatureMoments) -> dict:
+        return acc.flush().moments
+
+
+def save_moments(moments: dict, path: str) -> str:
+    """Write ``{feature: MomentAccumulator}`` to ``path`` as .npz (``rgb/count``, ``rgb/mean``, ``rgb/scatter``)."""
+    arrays = {}
+    for name, acc in moments.items():
+        arrays.update({f"{name}/count": np.array(acc.count, np.int64), f"{name}/mean": acc.mean,
+                       f"{name}/scatter": acc.scatter})
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with fsspec.open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return path
+
+
+def load_moments(path: str, features: Sequence[str]) -> dict:
+    """Inverse of ``save_moments``."""
+    with fsspec.open(path, "rb") as f:
+        data = f.read()
+    out = {}
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        for name in features:
+            acc = MomentAccumulator(FEATURE_DIMS[name])
+            acc.count = int(npz[f"{name}/count"])
+            acc.mean = npz[f"{name}/mean"].astype(np.float64)
+            acc.scatter = npz[f"{name}/scatter"].astype(np.float64)
+            out[name] = acc
+    return out
+
+
+class WhitenVideoFn(beam.DoFn):
+    """``(source, position, VideoRecord)`` -> Parquet row dict (``pipeline.shards.record_to_row``) with whitened
+    features; tagged ``dead_letter``: a dict (reason ``not_storable``) when a whitened value overflows the storage
+    dtype (float16 ends at 65504).
+
+    The statistics are read from ``whitening_path`` once per DoFn instance (``setup``), not shipped inside the
+    pipeline graph: a 1024-d whitening is 8 MB per feature.
+
+    Args:
+        whitening_path: ``whitening.npz`` (local or gs://).
+        features: features to whiten and store.
+        dtype: storage dtype ("float16" or "float32").
+        has_segments: whether the shard schema has segment columns.
+        namespace: metrics namespace; counts ``written_records``, ``written_frames`` and, when a record carries
+            segment ratings that the schema has no columns for, ``unwritten_segment_records``.
+        blas_threads: BLAS threads during a bundle (None: leave as is).
+    """
+
+    def __init__(self, whitening_path: str, features: Sequence[str], dtype: str, has_segments: bool,
+                 namespace: str = METRICS_NAMESPACE, blas_threads: int | None = 1):
+        self.whitening_path, self.features, self.dtype = whitening_path, tuple(features), dtype
+        self.has_segments, self.namespace = has_segments, namespace
+        self.blas = _BlasLimit(blas_threads)
+
+    def setup(self):
+        whitening = WhiteningSet.load(self.whitening_path)
+        # Whitening.transform in float32, with the float32 casts of mean and projection made once, not per video.
+        self.affine = {name: (whitening[name].mean.astype(np.float32), whitening[name].projection.astype(np.float32))
+                       for name in self.features}
+        self.written = Metrics.counter(self.namespace, "written_records")
+        self.written_frames = Metrics.counter(self.namespace, "written_frames")
+        self.unwritten_segments = Metrics.counter(self.namespace, "unwritten_segment_records")
+
+    def start_bundle(self):
+        self.blas.enter()
+
+    def finish_bundle(self):
+        self.blas.exit()
+
+    def process(self, element) -> Iterator:
+        source, position, record = element
+        whitened = {}
+        for name, (mean, projection) in self.affine.items():
+            whitened[name] = (record.features(name) - mean) @ projection  # (T, D) -> (T, dims)
+        try:
+            row = shards.record_to_row(record, whitened, self.dtype, has_segments=self.has_segments)
+        except shards.ShardSchemaError as e:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(source, position, NOT_STORABLE, str(e),
+                                                                    record.id))
+            return
+        if record.has_segments and not self.has_segments:
+            self.unwritten_segments.inc()
+        self.written.inc()
+        self.written_frames.inc(record.num_frames)
+        yield row
+
+
+class FormatDeadLetterFn(beam.DoFn):
+    """Dead-letter dict -> one JSON line; counts ``dead_lettered_<reason>``.
+
+    Args:
+        namespace: metrics namespace.
+    """
+
+    def __init__(self, namespace: str = METRICS_NAMESPACE):
+        self.namespace = namespace
+
+    def process(self, entry: dict) -> Iterator[str]:
+        Metrics.counter(self.namespace, f"dead_lettered_{entry['reason']}").inc()
+        yield json.dumps(entry, sort_keys=True)
+
+
+class WriteDeadLetters(beam.PTransform):
+    """PCollection[dict] -> ``DIR/dead_letter/dead-00000-of-00001.jsonl`` (written even when empty).
+
+    Args:
+        directory: the ``dead_letter`` directory.
+    """
+
+    def __init__(self, directory: str):
+        super().__init__()
+        self.directory = directory
+
+    def expand(self, dead_letters):
+        return (dead_letters
+                | "ToJson" >> beam.ParDo(FormatDeadLetterFn())
+                | "WriteJsonl" >> beam.io.WriteToText(_join(self.directory, "dead"), file_name_suffix=".jsonl",
+                                                      num_shards=1, shard_name_template="-SSSSS-of-NNNNN"))
+
+
+class WriteShards(beam.PTransform):
+    """PCollection[row dict] -> ``DIR/shards/part-SSSSS-of-NNNNN.parquet``.
+
+    Args:
+        directory: the ``shards`` directory.
+        schema: pyarrow schema from ``pipeline.shards.shard_schema``.
+        num_shards: number of files; 0 lets the runner decide (one per written bundle, no shuffle).
+    """
+
+    def __init__(self, directory: str, schema, num_shards: int = 0):
+        super().__init__()
+        self.directory, self.schema, self.num_shards = directory, schema, num_shards
+
+    def expand(self, rows):
+        return rows | "WriteParquet" >> beam.io.WriteToParquet(
+            _join(self.directory, "part"), self.schema, file_name_suffix=".parquet", num_shards=self.num_shards,
+            shard_name_template="-SSSSS-of-NNNNN", codec=shards.DEFAULT_COMPRESSION,
+            row_group_buffer_size=ROW_GROUP_BYTES, record_batch_size=ROW_BATCH)
+
+
+def build_fit_pipeline(p: beam.Pipeline, cfg: JobConfig, paths: Sequence[str], moments_path: str,
+                       blas_threads: int | None = 1) -> None:
+    """Pass 1: TFRecords -> per-feature moments -> ``moments_path``. Unusable records are only counted here
+    (pass 2 writes them to the dead letter), so a failed fit can say why."""
+    videos, unusable = p | "ReadVideos" >> ReadVideoRecords(paths, cfg.level, cfg.features, FIT_METRICS_NAMESPACE)
+    _ = unusable | "CountUnusable" >> beam.ParDo(FormatDeadLetterFn(FIT_METRICS_NAMESPACE))
+    _ = (videos
+         | "FeatureMoments" >> beam.CombineGlobally(
+             MomentsCombineFn(cfg.features, blas_threads=blas_threads))
+         | "SaveMoments" >> beam.Map(save_moments, moments_path))
+
+
+def build_write_pipeline(p: beam.Pipeline, cfg: JobConfig, paths: Sequence[str], whitening_path: str, schema,
+                         has_segments: bool, blas_threads: int | None = 1) -> None:
+    """Pass 2: TFRecords -> whitened Parquet shards + dead letters."""
+    videos, unreadable = p | "ReadVideos" >> ReadVideoRecords(paths, cfg.level, cfg.features)
+    whitened = videos | "Whiten" >> beam.ParDo(WhitenVideoFn(
+        whitening_path, cfg.features, cfg.dtype, has_segments, blas_threads=blas_threads)).with_outputs(
+        DEAD_LETTER, main="rows")
+    _ = whitened.rows | "WriteShards" >> WriteShards(cfg.path("shards"), schema, cfg.num_shards)
+    _ = ((unreadable, whitened[DEAD_LETTER])
+         | "AllDeadLetters" >> beam.Flatten()
+         | "WriteDeadLetters" >> WriteDeadLetters(cfg.path("dead_letter")))
+
+
+# -- launcher --------------------------------------------------------------------------------------------------
+def counter_values(result, namespace: str) -> dict[str, int]:
+    """Counters of ``namespace`` summed over steps; committed values where the runner reports them."""
+    query = result.metrics().query(MetricsFilter().with_namespace(namespace))
+    out: dict[str, int] = {}
+    for c in query["counters"]:
+        value = c.committed if c.committed is not None else c.attempted
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
+    return out
+
+
+def _run_and_wait(p: beam.Pipeline, what: str):
+    result = p.run()
+    state = result.wait_until_finish()
+    if state is not None and state != PipelineState.DONE:
+        raise PreprocessError(f"{what} ended in state {state}")
+    return result
+
+
+def load_whitening_for(path: str, cfg: JobConfig) -> WhiteningSet:
+    """The statistics in ``path``, checked against the selected features (and against ``--pca-dims``/``--zca``
+    when reusing a file)."""
+    try:
+        ws = WhiteningSet.load(path)
+    except WhiteningError as e:
+        raise WhiteningFileError(f"cannot use whitening file {path}: {e}") from None
+    except OSError as e:
+        raise WhiteningFileError(f"cannot read whitening file {path}: {e}") from None
+    for name in cfg.features:
+        if name not in ws:
+            raise DimsMismatchError(f"{path} has no whitening for {name!r} (it has {ws.names}); fit one with "
+                                    f"--features {','.join(cfg.features)}")
+        w = ws[name]
+        if w.input_dim != FEATURE_DIMS[name]:
+            raise DimsMismatchError(f"{path}: the {name!r} whitening takes {w.input_dim}-d frames, but YouTube-8M "
+                                    f"{name} frames have {FEATURE_DIMS[name]} dims")
+        if cfg.pca_dims and name in cfg.pca_dims and cfg.pca_dims[name] != w.dims:
+            raise DimsMismatchError(f"--pca-dims asks for {cfg.pca_dims[name]} {name} dims but {path} keeps "
+                                    f"{w.dims}; drop --pca-dims to use the file as it is")
+        if cfg.mode == "zca" and w.mode != "zca":
+            raise DimsMismatchError(f"--zca given but {path} holds a {w.mode} whitening for {name!r}")
+    return ws
+
+
+def detect_segments(paths: Sequence[str], level: str, max_files: int = 4, max_records: int = 16) -> bool:
+    """Whether the shards get segment columns: the first decodable frame-level record (among the first
+    ``max_records`` of the first ``max_files`` files) decides. YouTube-8M splits are uniform in this."""
+    if level != "frame":
+        return False
+    for path in paths[:max_files]:
+        for i, item in enumerate(read_records(path, on_error="yield")):
+            if i >= max_records:
+                break
+            if isinstance(item, TFRecordCorruption):
+                continue
+            try:
+                return decode_sequence_example(item[1]).has_segments
+            except RecordError:
+                continue
+    return False
+
+
+def prepare_output(cfg: JobConfig) -> None:
+    """Remove what a previous run left that this run rewrites (shards, dead letters, summary)."""
+    fs, root = fsspec.core.url_to_fs(cfg.output)
+    fs.makedirs(root, exist_ok=True)
+    for part in ("summary.json", "shards", "dead_letter", "moments.npz"):
+        _remove(cfg.path(part))
+
+
+def fit_pass(cfg: JobConfig, paths: Sequence[str], opts: PipelineOptions,
+             new_pipeline: Callable[[PipelineOptions], beam.Pipeline]) -> dict:
+    """Run pass 1, fit and save ``OUT/whitening.npz``; returns fit facts for the summary."""
+    whitening_path, moments_path = cfg.path("whitening.npz"), cfg.path("moments.npz")
+    _remove(whitening_path)
+    p = new_pipeline(opts)
+    build_fit_pipeline(p, cfg, paths, moments_path)
+    result = _run_and_wait(p, "pass 1 (fit)")
+    counts = counter_values(result, FIT_METRICS_NAMESPACE)
+    moments = load_moments(moments_path, cfg.features)
+    _remove(moments_path)
+    frames = {name: acc.count for name, acc in moments.items()}
+    if min(frames.values()) < 2:
+        prefix = "dead_lettered_"
+        why = ", ".join(f"{k[len(prefix):]} {v}" for k, v in sorted(counts.items()) if k.startswith(prefix))
+        raise FitError(f"pass 1 found {min(frames.values())} usable frames in {counts.get('read_records', 0)} "
+                       f"records of {len(paths)} files (unusable: {why or 'none'}); a whitening needs at least 2 "
+                       f"frames; check --input and --level")
+    blas = _BlasLimit(1)  # a 1024-d eigh gains little from threads and loses badly on a busy machine
+    blas.enter()
+    try:
+        ws = fit_whitening_set(moments, dims=cfg.pca_dims, epsilon=cfg.epsilon, mode=cfg.mode)
+    except WhiteningError as e:
+        raise FitError(f"cannot fit the whitening: {e}") from None
+    finally:
+        blas.exit()
+    ws.save(whitening_path)
+    warnings = [f"{name}: fitted on {n} frames, not more than its {FEATURE_DIMS[name]} dims; the covariance is "
+                f"rank-deficient, consider --pca-dims" for name, n in frames.items() if n <= FEATURE_DIMS[name]]
+    for w in warnings:
+        _LOGGER.warning(w)
+    return {"fitted": True, "frames": frames, "warnings": warnings,
+            "explained_variance": {name: float(ws[name].explained_variance_ratio.sum()) for name in ws.names}}
+
+
+def reuse_whitening(cfg: JobConfig) -> dict:
+    """Check ``--whitening`` and copy it to ``OUT/whitening.npz`` so the output is self-describing."""
+    target = cfg.path("whitening.npz")
+    same = os.path.abspath(cfg.whitening) == os.path.abspath(target) if "://" not in target else (
+        cfg.whitening == target)
+    if not same:
+        with fsspec.open(cfg.whitening, "rb") as f:
+            data = f.read()
+        with fsspec.open(target, "wb") as f:
+            f.write(data)
+    return {"fitted": False, "source": cfg.whitening}
+
+
+def summarize(cfg: JobConfig, counts: dict[str, int], paths: Sequence[str], fit: dict, sha: str,
+              whitening: WhiteningSet, has_segments: bool, seconds: dict) -> dict:
+    """The run's summary: what was read, written and dead-lettered, and why."""
+    prefix = "dead_lettered_"
+    dead = {k[len(prefix):]: v for k, v in sorted(counts.items()) if k.startswith(prefix)}
+    read, written = counts.get("read_records", 0), counts.get("written_records", 0)
+    summary = {
+        "input": cfg.input, "output": cfg.output, "files": len(paths),
+        "read": read, "written": written, "dead_lettered": dead, "dead_lettered_total": sum(dead.values()),
+        "invariant_holds": read == written + sum(dead.values()),
+        "written_frames": counts.get("written_frames", 0),
+        "truncated_records": counts.get("truncated_records", 0),
+        "truncated_frames": counts.get("truncated_frames", 0),
+        "dropped_segments": counts.get("dropped_segments", 0),
+        "unwritten_segment_records": counts.get("unwritten_segment_records", 0),
+        "has_segments": has_segments,
+        "whitening": {"sha256": sha, "feature_dims": whitening.feature_dims, **fit},
+        "seconds": seconds,
+    }
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    dead = ", ".join(f"{k} {v}" for k, v in s["dead_lettered"].items()) or "none"
+    lines = [
+        f"preprocess: {s['files']} files -> {s['output']}",
+        f"  read {s['read']}, written {s['written']} ({s['written_frames']} frames), "
+        f"dead-lettered {s['dead_lettered_total']} ({dead})",
+        f"  truncated to 300 frames: {s['truncated_records']} records ({s['truncated_frames']} frames); "
+        f"dropped segments: {s['dropped_segments']}",
+        f"  whitening {s['whitening']['sha256'][:12]} dims {s['whitening']['feature_dims']}",
+    ]
+    if s["unwritten_segment_records"]:
+        lines.append(f"  WARNING: {s['unwritten_segment_records']} records carry segment ratings that were not "
+                     f"written (the first records had none, so the shards have no segment columns)")
+    if not s["invariant_holds"]:
+        lines.append("  WARNING: read != written + dead-lettered; some records are unaccounted for")
+    return "\n".join(lines)
+
+
+def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
+        test_pipeline: Callable[[PipelineOptions], beam.Pipeline] | None = None) -> dict:
+    """Run the job; returns the summary (also written to ``OUT/summary.json``).
+
+    Args:
+        argv: our flags and Beam options; default ``sys.argv[1:]``.
+        save_main_session: pickle ``__main__``'s globals for the workers (Beam examples' convention).
+        test_pipeline: a factory ``options -> beam.Pipeline`` used for both passes instead of
+            ``beam_jobs.options.new_pipeline`` (e.g. ``lambda o: TestPipeline(options=o)``).
+    """
+    args, beam_args = get_args_parser().parse_known_args(argv)
+    cfg = resolve_config(args)
+    opts = job_options.make_pipeline_options(beam_args, save_main_session)
+    new_pipeline = test_pipeline or job_options.new_pipeline
+    paths = match_input(cfg.input)
+    if cfg.whitening is not None:
+        load_whitening_for(cfg.whitening, cfg)  # fail before touching OUT
+    prepare_output(cfg)
+    config = {**asdict(cfg), "runner": job_options.runner_name(opts), "beam_version": beam.__version__,
+              "input_files": len(paths), "beam_options": opts.get_all_options(drop_default=True)}
+    _write_text(cfg.path("config.json"), json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
+
+    seconds = {}
+    start = time.perf_counter()
+    fit = reuse_whitening(cfg) if cfg.whitening is not None else fit_pass(cfg, paths, opts, new_pipeline)
+    seconds["fit"] = round(time.perf_counter() - start, 3)
+    whitening_path = cfg.path("whitening.npz")
+    whitening = load_whitening_for(whitening_path, cfg)
+    sha = file_sha256(whitening_path)
+    has_segments = detect_segments(paths, cfg.level)
+    schema = shards.shard_schema({name: whitening[name].output_dim for name in cfg.features}, dtype=cfg.dtype,
+                                 has_segments=has_segments, level=cfg.level, whitening_sha256=sha)
+
+    start = time.perf_counter()
+    p = new_pipeline(opts)
+    build_write_pipeline(p, cfg, paths, whitening_path, schema, has_segments)
+    result = _run_and_wait(p, "pass 2 (write)")
+    seconds["write"] = round(time.perf_counter() - start, 3)
+    summary = summarize(cfg, counter_values(result, METRICS_NAMESPACE), paths, fit, sha, whitening,
+                        has_segments, seconds)
+    _write_text(cfg.path("summary.json"), json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(format_summary(summary))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(argv)
+    except Yt8mError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    # Re-import under the package name so DoFns pickle as beam_jobs.preprocess.X, importable on every worker.
+    from beam_jobs.preprocess import main as _package_main
+
+    sys.exit(_package_main())

@@ -1,0 +1,256 @@
+"""Train a video classifier (CMA + ASGE by default) on Parquet shards written by ``beam_jobs.preprocess``.
+
+    python -m model.train_video --train DATA/train --val DATA/validate --out runs/cma
+
+Defaults are the paper's (section 4.2): SGD momentum 0.9, lr 0.0002 decayed by 0.8 every 2e6 samples, batch 256,
+beta 0. The run directory gets ``config.json`` (resolved flags), ``metrics.json`` (one entry per epoch),
+``last.pt`` / ``best.pt`` (by validation GAP) and TensorBoard scalars under ``tb/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import asge
+from model.checkpoint import (CheckpointError, capture_rng_state, check_compatible, load_checkpoint,
+                              restore_rng_state, save_checkpoint)
+from model.data import DataError, dataset_summary, make_loader
+from model.device import autocast, resolve_device
+from model.losses import ClassBalancedBCE, label_frequencies
+from model.metrics import VideoMetrics
+from model.video_model import build_video_model
+
+# Flags a checkpoint must agree on before it can be resumed or evaluated: they fix the parameter shapes.
+ARCH_KEYS = ("head", "backbone", "features", "num_classes", "feature_dim")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
+    p.add_argument("--train", required=True, help="training shards: a preprocess output dir, glob or gs:// path")
+    p.add_argument("--val", default=None, help="validation shards (metrics each epoch, best.pt by GAP)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--head", choices=("mean", "self-attn", "cma"), default="cma")
+    p.add_argument("--backbone", choices=("snet", "fc"), default="snet")
+    p.add_argument("--features", default="rgb", choices=("rgb", "rgb,audio"))
+    p.add_argument("--num-classes", type=int, default=3862)
+    p.add_argument("--max-frames", type=int, default=300)
+    p.add_argument("--label-emb", default=None,
+                   help="label embeddings from `python -m model.asge`; 'random' for the embedding ablation; "
+                        "default: fit ASGE on the training labels first")
+    p.add_argument("--asge-epochs", type=int, default=asge.DEFAULT_EPOCHS)
+    p.add_argument("--alpha", type=float, default=0.1, help="ASGE relaxation (paper, video: 0.1)")
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr-decay", type=float, default=0.8, help="multiply the lr by this every --lr-decay-samples")
+    p.add_argument("--lr-decay-samples", type=float, default=2e6)
+    p.add_argument("--beta", type=float, default=0.0, help="class-balance exponent of Eq. 12 (paper, video: 0)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shuffle-buffer", type=int, default=2048)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def build_optimizer(args, params):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def build_scheduler(args, optimizer):
+    # The paper decays per samples seen, not per epoch; one scheduler step is one batch of --batch-size samples.
+    steps_per_decay = max(1, int(args.lr_decay_samples // args.batch_size))
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=steps_per_decay, gamma=args.lr_decay)
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch, args, writer=None, step=0):
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
+               disable=not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None)
+    t0 = time.perf_counter()
+    for i, batch in enumerate(bar):
+        if args.max_steps_per_epoch is not None and i >= args.max_steps_per_epoch:
+            break
+        x = batch["x"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        y = batch["labels"].to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(x, mask)
+        loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        total += loss.item() * x.shape[0]
+        count += x.shape[0]
+        rate = count / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+        if writer is not None:
+            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+    if count == 0:
+        raise DataError(f"the training data yielded no batch: {args.train}")
+    return {"loss": total / count, "samples": count,
+            "samples_per_s": count / max(time.perf_counter() - t0, 1e-9)}, step
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, num_classes):
+    model.eval()
+    metrics = VideoMetrics(num_classes)
+    seen = 0
+    for batch in loader:
+        x = batch["x"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        with autocast(device):
+            scores = torch.sigmoid(model(x, mask).float())
+        metrics.update(scores.cpu().numpy(), batch["labels"].numpy())
+        seen += x.shape[0]
+    if seen == 0:
+        raise DataError("the evaluation data yielded no video")
+    return metrics.compute()
+
+
+def load_label_embeddings(args, device, out_dir: Path):
+    """(K, E) label embeddings: from a file, random (ablation), or fitted here with ASGE on the training labels."""
+    if args.label_emb == "random":
+        g = torch.Generator().manual_seed(args.seed)
+        return torch.randn(args.num_classes, asge.EMBED_DIM, generator=g)
+    if args.label_emb:
+        emb = asge.load_embeddings(args.label_emb)
+    else:
+        label_lists = asge.read_training_labels(args.train)
+        graph, _ = asge.build_label_graph(label_lists, args.num_classes)
+        emb, history = asge.fit_asge(graph, epochs=args.asge_epochs, alpha=args.alpha, seed=args.seed,
+                                     device=device)
+        corr = asge.embedding_graph_correlation(emb, graph)
+        asge.save_embeddings(out_dir / "label_emb.pt", emb, graph_correlation=corr,
+                             final_loss=history[-1], alpha=args.alpha)
+        print(f"ASGE: fitted {args.num_classes} label embeddings, final loss {history[-1]:.4f}, "
+              f"corr(cos, A') {corr:.3f}")
+    if emb.shape[0] != args.num_classes:
+        raise CheckpointError(f"label embeddings have {emb.shape[0]} classes but --num-classes is "
+                              f"{args.num_classes}")
+    return emb
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def main(args) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    features = tuple(args.features.split(","))
+    info = dataset_summary(args.train)
+    args.feature_dim = sum(info.feature_dims[f] for f in features if f in info.feature_dims)
+    train_loader = make_loader(args.train, batch_size=args.batch_size, workers=args.workers, features=features,
+                               num_classes=args.num_classes, max_frames=args.max_frames, shuffle=True,
+                               shuffle_buffer=args.shuffle_buffer, seed=args.seed, device=device)
+    val_loader = None
+    if args.val:
+        val_loader = make_loader(args.val, batch_size=args.batch_size, workers=args.workers, features=features,
+                                 num_classes=args.num_classes, max_frames=args.max_frames, shuffle=False,
+                                 device=device)
+
+    resume_path = out / "last.pt"
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(resume_path)
+        check_compatible(ckpt["args"], vars(args), ARCH_KEYS)
+    label_emb = None
+    if args.head == "cma":
+        label_emb = ckpt["model"]["head.label_embeddings"] if ckpt else load_label_embeddings(args, device, out)
+    model = build_video_model(args.head, args.backbone, in_dim=args.feature_dim, num_classes=args.num_classes,
+                              label_embeddings=label_emb).to(device)
+    optimizer = build_optimizer(args, model.parameters())
+    scheduler = build_scheduler(args, optimizer)
+    freqs = label_frequencies(asge.read_training_labels(args.train), args.num_classes) if args.beta else None
+    loss_fn = ClassBalancedBCE(beta=args.beta, label_freq=freqs).to(device)
+
+    start_epoch, step, best_gap, history = 0, 0, -math.inf, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, step, best_gap = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_metric"]
+        history = json.loads((out / "metrics.json").read_text())["epochs"] if (out / "metrics.json").exists() else []
+        restore_rng_state(ckpt["rng"])
+        print(f"resumed from {resume_path} at epoch {start_epoch}")
+    write_json(out / "config.json", {k: v for k, v in sorted(vars(args).items())})
+
+    writer = _tensorboard(out)
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.dataset.set_epoch(epoch)
+        train_stats, step = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, epoch,
+                                            args, writer, step)
+        record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                  **{f"train_{k}": v for k, v in train_stats.items()}}
+        if val_loader is not None:
+            val = evaluate(model, val_loader, device, args.num_classes)
+            record.update({f"val_{k}": v for k, v in val.items()})
+            if writer is not None:
+                for k in ("gap", "hit_at_1", "perr", "map"):
+                    writer.add_scalar(f"val/{k}", val[k], epoch)
+        gap = record.get("val_gap", -train_stats["loss"])
+        is_best = gap > best_gap
+        best_gap = max(best_gap, gap)
+        history.append(record)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best_metric": best_gap,
+                 "args": _plain_args(args), "rng": capture_rng_state()}
+        save_checkpoint(out / "last.pt", state)
+        if is_best:
+            save_checkpoint(out / "best.pt", state)
+        write_json(out / "metrics.json", {"epochs": history, "best_val_gap": best_gap if args.val else None})
+        print(_epoch_line(record))
+    if writer is not None:
+        writer.close()
+    return history[-1] if history else {}
+
+
+def _plain_args(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def _epoch_line(r: dict) -> str:
+    line = f"epoch {r['epoch']}: loss {r['train_loss']:.4f} ({r['train_samples_per_s']:.0f} samples/s)"
+    if "val_gap" in r:
+        line += (f" | val GAP {r['val_gap']:.4f} Hit@1 {r['val_hit_at_1']:.4f} PERR {r['val_perr']:.4f} "
+                 f"mAP {r['val_map']:.4f}")
+    return line
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional at run time; the scalars also land in metrics.json
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+if __name__ == "__main__":
+    from model.cli import run_cli
+    run_cli(main, get_args_parser())

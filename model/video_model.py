@@ -1,0 +1,82 @@
+"""Video classifier = backbone (frames -> visual features) + head (visual features -> logits), chosen by name.
+
+    model = build_video_model("cma", "snet", in_dim=1024, num_classes=3862, label_embeddings=emb)
+    logits = model(x, mask)                       # x (B, T, D), mask (B, T) -> (B, K)
+    feats, fmask = model.forward_features(x, mask)  # (B, T', C), (B, T'); e.g. for attention plots
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from model.backbones import BACKBONES
+from model.heads import HEADS
+from pipeline.errors import Yt8mError
+
+
+class ModelConfigError(Yt8mError, ValueError):
+    """An unknown head or backbone name, or arguments the chosen modules do not take."""
+
+
+class VideoClassifier(nn.Module):
+    """Backbone followed by a head; both keep the frame mask so padding never reaches a sum.
+
+    Args:
+        backbone: module with ``forward(x, mask) -> (feats, mask)`` and ``out_channels``.
+        head: module with ``forward(feats, mask) -> logits``.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backbone(x, mask)
+
+    def forward_head(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(feats, mask)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        feats, mask = self.forward_features(x, mask)
+        return self.forward_head(feats, mask)  # (B, K)
+
+
+def build_video_model(head: str, backbone: str, in_dim: int, num_classes: int,
+                      label_embeddings: torch.Tensor | None = None,
+                      backbone_kw: Mapping[str, Any] | None = None, **head_kw: Any) -> VideoClassifier:
+    """Build one of the paper's Table 4 models (plus the mean-pooling baseline).
+
+    Args:
+        head: 'mean', 'self-attn' or 'cma'.
+        backbone: 'snet' or 'fc'.
+        in_dim: frame feature dimension D.
+        num_classes: K.
+        label_embeddings: (K, C_e) ASGE embeddings for 'cma' (None: random, the embedding ablation); ignored by
+            the other heads.
+        backbone_kw: extra constructor arguments of the backbone (e.g. ``channels`` for SNet, ``hidden`` for FC).
+        **head_kw: extra constructor arguments of the head (e.g. ``attention_floor``, ``fused``).
+    """
+    if head not in HEADS:
+        raise ModelConfigError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if backbone not in BACKBONES:
+        raise ModelConfigError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    try:
+        trunk = BACKBONES[backbone](in_dim=in_dim, **dict(backbone_kw or {}))
+        if head == "cma":
+            head_kw = {"label_embeddings": label_embeddings, **head_kw}
+        classifier = HEADS[head](trunk.out_channels, num_classes, **head_kw)
+    except TypeError as e:
+        raise ModelConfigError(f"{head}/{backbone}: {e}") from None
+    return VideoClassifier(trunk, classifier)
+
+
+def build_model(args: Any, label_embeddings: torch.Tensor | None = None) -> VideoClassifier:
+    """``build_video_model`` from a namespace or dict with ``head``, ``backbone``, ``feature_dim``, ``num_classes``
+    (the keys ``model.train_video`` stores in its checkpoints)."""
+    a = args if isinstance(args, Mapping) else vars(args)
+    return build_video_model(a["head"], a["backbone"], in_dim=a["feature_dim"], num_classes=a["num_classes"],
+                             label_embeddings=label_embeddings)

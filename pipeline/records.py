@@ -1,0 +1,325 @@
+"""YouTube-8M record codec: serialized ``tf.train.SequenceExample`` / ``tf.train.Example`` <-> ``VideoRecord``.
+
+TensorFlow's generated protobuf classes do the wire format; this module adds the YouTube-8M conventions
+(quantized uint8 frames, 300-frame cap, 2019 segment ratings) and checks every record, raising
+``RecordError`` with a reason code instead of handing malformed arrays downstream.
+
+TensorFlow is imported on first use only: importing it costs seconds, and most callers of this module
+(workers that only read Parquet, for instance) never decode a TFRecord.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import RecordError
+
+RGB_DIM = 1024
+AUDIO_DIM = 128
+MAX_FRAMES = 300
+VOCAB_SIZE = 3862
+LEGACY_VOCAB_SIZE = 4716
+FEATURE_DIMS = {"rgb": RGB_DIM, "audio": AUDIO_DIM}
+SEGMENT_FRAMES = 5
+
+# Official quantization: 256 levels over [-2, 2]; a byte stands for the centre of its bin.
+QUANT_MIN, QUANT_MAX = -2.0, 2.0
+_DEQUANT_SCALE = np.float32((QUANT_MAX - QUANT_MIN) / 255.0)
+_DEQUANT_BIAS = np.float32((QUANT_MAX - QUANT_MIN) / 512.0 + QUANT_MIN)
+
+_SEGMENT_KEYS = ("segment_start_times", "segment_end_times", "segment_labels", "segment_scores")
+
+
+def dequantize(q: np.ndarray) -> np.ndarray:
+    """uint8 codes -> float32 values, ``q * 4/255 + 4/512 - 2`` (0 -> -1.9921875, 255 -> 2.0078125).
+
+    Computed in float32 in the same order as the official reader, so results equal TensorFlow's bit for bit.
+    """
+    return np.asarray(q).astype(np.float32) * _DEQUANT_SCALE + _DEQUANT_BIAS
+
+
+def quantize(x: np.ndarray) -> np.ndarray:
+    """float values -> uint8 codes: clip to [-2, 2], then ``round((x + 2) * 255 / 4)`` (ties to even).
+
+    This is the official writer's rule. With the official ``dequantize`` codes round-trip exactly, but values come
+    back 4/512 too high on average (``dequantize(quantize(x)) - x`` lies in 4/512 +- 2/255).
+    """
+    x = np.clip(np.asarray(x, dtype=np.float64), QUANT_MIN, QUANT_MAX)
+    return np.round((x - QUANT_MIN) * (255.0 / (QUANT_MAX - QUANT_MIN))).astype(np.uint8)
+
+
+@dataclass
+class VideoRecord:
+    """One video as YouTube-8M stores it.
+
+    Frame level keeps the quantized uint8 matrices ``(T, D)``; video level keeps the float32 means as ``(1, D)``.
+    Segment arrays are all ``None`` or all of one length; ``segment_start_times[i]`` is the first frame of a
+    5-frame segment rated ``segment_scores[i]`` (1 positive, 0 negative) for class ``segment_labels[i]``.
+
+    Args:
+        id: video id (4 characters in 2018+ data).
+        labels: int32 class ids, shape (L,).
+        rgb: (T, 1024) uint8 codes (frame level) or (1, 1024) float32 (video level).
+        audio: (T, 128) like ``rgb``, or None when the record has no audio.
+        segment_start_times: int32 (S,) or None.
+        segment_labels: int32 (S,) or None.
+        segment_scores: float32 (S,) or None.
+        level: "frame" or "video".
+        truncated_frames: frames cut off past ``max_frames`` while decoding.
+        dropped_segments: rated segments dropped because they start outside the video.
+    """
+
+    id: str
+    labels: np.ndarray
+    rgb: np.ndarray
+    audio: np.ndarray | None = None
+    segment_start_times: np.ndarray | None = None
+    segment_labels: np.ndarray | None = None
+    segment_scores: np.ndarray | None = None
+    level: str = "frame"
+    truncated_frames: int = 0
+    dropped_segments: int = 0
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def has_segments(self) -> bool:
+        return self.segment_start_times is not None
+
+    def features(self, name: str) -> np.ndarray:
+        """The (T, D) float32 matrix of feature ``name`` ("rgb" or "audio"), dequantized when stored as uint8."""
+        if name not in FEATURE_DIMS:
+            raise KeyError(f"unknown feature {name!r}; expected one of {sorted(FEATURE_DIMS)}")
+        value = getattr(self, name)
+        if value is None:
+            raise KeyError(f"video {self.id} has no {name} feature")
+        if value.dtype == np.uint8:
+            return dequantize(value)
+        return np.asarray(value, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _protos() -> Any:
+    """``tf.train`` (Example, SequenceExample, Feature, ... protobuf classes), imported once on first use."""
+    import tensorflow as tf
+
+    return tf.train
+
+
+def _decode_error() -> type[Exception]:
+    from google.protobuf.message import DecodeError
+
+    return DecodeError
+
+
+def _parse(data: bytes, message_name: str) -> Any:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected serialized bytes, got {type(data).__name__}")
+    cls = getattr(_protos(), message_name)
+    try:
+        return cls.FromString(bytes(data))
+    except _decode_error() as e:
+        raise RecordError("unparsable", f"bytes are not a tf.train.{message_name} ({e})") from None
+
+
+def _read_id(features: Any) -> str:
+    """The ``id`` context feature as str; spots 2017 records, which used ``video_id``."""
+    if "id" not in features:
+        if "video_id" in features:
+            raise RecordError(
+                "legacy_2017_format",
+                "record has 'video_id' instead of 'id': this is 2017 YouTube-8M data (4716 classes), which "
+                f"this project does not read; use the 2018+ release ({VOCAB_SIZE} classes, "
+                "'id' key), or convert the records and map the labels yourself")
+        raise RecordError("missing_feature", "record has no 'id' feature")
+    values = features["id"].bytes_list.value
+    if len(values) != 1:
+        raise RecordError("missing_feature", f"'id' must hold one bytes value, found {len(values)}")
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecordError("unparsable", f"'id' is not UTF-8 text: {values[0][:16]!r}") from None
+
+
+def _int_feature(features: Any, key: str) -> np.ndarray:
+    if key not in features:
+        return np.zeros(0, dtype=np.int64)
+    return np.asarray(features[key].int64_list.value, dtype=np.int64)
+
+
+def _check_label_range(values: np.ndarray, vocab_size: int, what: str, video_id: str) -> np.ndarray:
+    if values.size and (values.min() < 0 or values.max() >= vocab_size):
+        bad = values[(values < 0) | (values >= vocab_size)]
+        hint = (" (ids up to 4715 suggest 2017 data, which has 4716 classes)"
+                if vocab_size == VOCAB_SIZE and bad.max() < LEGACY_VOCAB_SIZE and bad.min() >= 0 else "")
+        raise RecordError("label_out_of_range",
+                          f"{what} {bad[:5].tolist()} outside [0, {vocab_size}){hint}", video_id)
+    return values.astype(np.int32)
+
+
+def _read_segments(context: Any, num_frames: int, vocab_size: int, video_id: str):
+    """Segment arrays (start, label, score) and the number dropped for starting outside the video.
+
+    Returns all ``None`` (and 0) when the record has no segment annotations.
+    """
+    present = [k for k in _SEGMENT_KEYS if k in context]
+    if not present:
+        return None, None, None, 0
+    starts = _int_feature(context, "segment_start_times")
+    ends = _int_feature(context, "segment_end_times") if "segment_end_times" in context else None
+    labels = _int_feature(context, "segment_labels")
+    scores = (np.asarray(context["segment_scores"].float_list.value, dtype=np.float32)
+              if "segment_scores" in context else np.zeros(0, dtype=np.float32))
+    lengths = {"segment_start_times": starts.size, "segment_labels": labels.size, "segment_scores": scores.size}
+    if ends is not None:
+        lengths["segment_end_times"] = ends.size
+    if len(set(lengths.values())) != 1:
+        raise RecordError("segment_length_mismatch",
+                          "segment arrays differ in length: " + ", ".join(f"{k}={n}" for k, n in lengths.items()),
+                          video_id)
+    if ends is not None and np.any(ends != starts + SEGMENT_FRAMES):
+        i = int(np.flatnonzero(ends != starts + SEGMENT_FRAMES)[0])
+        raise RecordError("segment_length_mismatch",
+                          f"segment {i} spans {starts[i]}..{ends[i]}, expected {SEGMENT_FRAMES} frames "
+                          "(end = start + 5)", video_id)
+    labels = _check_label_range(labels, vocab_size, "segment label ids", video_id)
+    # Some released records rate segments that start past their last frame; such ratings have no frames.
+    inside = (starts >= 0) & (starts < num_frames)
+    dropped = int(starts.size - inside.sum())
+    return starts[inside].astype(np.int32), labels[inside], scores[inside], dropped
+
+
+def _read_frames(feature_lists: Any, name: str, max_frames: int, video_id: str) -> tuple[np.ndarray, int]:
+    """The first ``max_frames`` frames of feature list ``name`` as (T, D) uint8, and the original count."""
+    dim = FEATURE_DIMS[name]
+    frames = feature_lists[name].feature
+    total = len(frames)
+    if total == 0:
+        raise RecordError("zero_frames", f"feature list '{name}' has no frames", video_id)
+    kept = min(total, max_frames)
+    chunks = []
+    for t in range(kept):
+        values = frames[t].bytes_list.value
+        if len(values) != 1 or len(values[0]) != dim:
+            got = f"{len(values[0])} bytes" if len(values) == 1 else f"{len(values)} bytes values"
+            raise RecordError("bad_frame_length",
+                              f"'{name}' frame {t} holds {got}, expected one value of {dim} bytes", video_id)
+        chunks.append(values[0])
+    matrix = np.frombuffer(bytearray().join(chunks), dtype=np.uint8).reshape(kept, dim)  # (T, D)
+    return matrix, total
+
+
+def decode_sequence_example(data: bytes, vocab_size: int = VOCAB_SIZE, max_frames: int = MAX_FRAMES) -> VideoRecord:
+    """Decode one frame-level record (``tf.train.SequenceExample``), checked; raises ``RecordError``.
+
+    Frames past ``max_frames`` are cut (counted in ``truncated_frames``), as the official reader does;
+    rated segments starting outside the kept frames are dropped (counted in ``dropped_segments``).
+    """
+    seq = _parse(data, "SequenceExample")
+    context = seq.context.feature
+    video_id = _read_id(context)
+    labels = _check_label_range(_int_feature(context, "labels"), vocab_size, "label ids", video_id)
+    feature_lists = seq.feature_lists.feature_list
+    if "rgb" not in feature_lists:
+        hint = " (this looks like a video-level record: read it with level='video')" if "mean_rgb" in context else ""
+        raise RecordError("missing_feature", f"record has no 'rgb' feature list{hint}", video_id)
+    rgb, total = _read_frames(feature_lists, "rgb", max_frames, video_id)
+    audio = None
+    if "audio" in feature_lists:
+        audio_frames = len(feature_lists["audio"].feature)
+        if audio_frames != total:
+            raise RecordError("frame_count_mismatch",
+                              f"{total} rgb frames but {audio_frames} audio frames", video_id)
+        audio, _ = _read_frames(feature_lists, "audio", max_frames, video_id)
+    starts, seg_labels, scores, dropped = _read_segments(context, rgb.shape[0], vocab_size, video_id)
+    return VideoRecord(id=video_id, labels=labels, rgb=rgb, audio=audio, segment_start_times=starts,
+                       segment_labels=seg_labels, segment_scores=scores, level="frame",
+                       truncated_frames=total - rgb.shape[0], dropped_segments=dropped)
+
+
+def _read_mean(features: Any, key: str, name: str, video_id: str) -> np.ndarray:
+    values = features[key].float_list.value
+    dim = FEATURE_DIMS[name]
+    if len(values) != dim:
+        raise RecordError("bad_frame_length", f"'{key}' holds {len(values)} floats, expected {dim}", video_id)
+    return np.asarray(values, dtype=np.float32).reshape(1, dim)  # (1, D)
+
+
+def decode_example(data: bytes, vocab_size: int = VOCAB_SIZE) -> VideoRecord:
+    """Decode one video-level record (``tf.train.Example`` with ``mean_rgb``/``mean_audio``) as T = 1."""
+    example = _parse(data, "Example")
+    features = example.features.feature
+    video_id = _read_id(features)
+    labels = _check_label_range(_int_feature(features, "labels"), vocab_size, "label ids", video_id)
+    if "mean_rgb" not in features:
+        raise RecordError("missing_feature", "record has no 'mean_rgb' feature (frame-level records are read with "
+                          "level='frame')", video_id)
+    rgb = _read_mean(features, "mean_rgb", "rgb", video_id)
+    audio = _read_mean(features, "mean_audio", "audio", video_id) if "mean_audio" in features else None
+    return VideoRecord(id=video_id, labels=labels, rgb=rgb, audio=audio, level="video")
+
+
+def decode_record(data: bytes, level: str = "frame", vocab_size: int = VOCAB_SIZE,
+                  max_frames: int = MAX_FRAMES) -> VideoRecord:
+    """Decode a frame-level (``level="frame"``) or video-level (``"video"``) record."""
+    if level == "frame":
+        return decode_sequence_example(data, vocab_size=vocab_size, max_frames=max_frames)
+    if level == "video":
+        return decode_example(data, vocab_size=vocab_size)
+    raise ValueError(f"level must be 'frame' or 'video', got {level!r}")
+
+
+def _context_features(record: VideoRecord, pb: Any, with_segments: bool) -> dict[str, Any]:
+    feats = {
+        "id": pb.Feature(bytes_list=pb.BytesList(value=[record.id.encode("utf-8")])),
+        "labels": pb.Feature(int64_list=pb.Int64List(value=np.asarray(record.labels, np.int64).tolist())),
+    }
+    if with_segments and record.has_segments:
+        starts = np.asarray(record.segment_start_times, np.int64)
+        feats["segment_start_times"] = pb.Feature(int64_list=pb.Int64List(value=starts.tolist()))
+        feats["segment_end_times"] = pb.Feature(
+            int64_list=pb.Int64List(value=(starts + SEGMENT_FRAMES).tolist()))
+        feats["segment_labels"] = pb.Feature(
+            int64_list=pb.Int64List(value=np.asarray(record.segment_labels, np.int64).tolist()))
+        feats["segment_scores"] = pb.Feature(
+            float_list=pb.FloatList(value=np.asarray(record.segment_scores, np.float32).tolist()))
+    return feats
+
+
+def _frame_list(matrix: np.ndarray, pb: Any) -> Any:
+    codes = matrix if matrix.dtype == np.uint8 else quantize(matrix)
+    codes = np.ascontiguousarray(codes)
+    return pb.FeatureList(feature=[pb.Feature(bytes_list=pb.BytesList(value=[row.tobytes()])) for row in codes])
+
+
+def encode_sequence_example(record: VideoRecord) -> bytes:
+    """Serialize a frame-level record in the official layout (float matrices are quantized first).
+
+    Serialization is deterministic (sorted map keys), so equal records give equal bytes.
+    """
+    pb = _protos()
+    feature_lists = {"rgb": _frame_list(record.rgb, pb)}
+    if record.audio is not None:
+        feature_lists["audio"] = _frame_list(record.audio, pb)
+    seq = pb.SequenceExample(context=pb.Features(feature=_context_features(record, pb, with_segments=True)),
+                             feature_lists=pb.FeatureLists(feature_list=feature_lists))
+    return seq.SerializeToString(deterministic=True)
+
+
+def encode_example(record: VideoRecord) -> bytes:
+    """Serialize a video-level record: ``mean_rgb``/``mean_audio`` are the frame means of the dequantized features.
+
+    Segment ratings are left out: video-level YouTube-8M records never carry them.
+    """
+    pb = _protos()
+    feats = _context_features(record, pb, with_segments=False)
+    feats["mean_rgb"] = pb.Feature(float_list=pb.FloatList(value=record.features("rgb").mean(axis=0).tolist()))
+    if record.audio is not None:
+        feats["mean_audio"] = pb.Feature(
+            float_list=pb.FloatList(value=record.features("audio").mean(axis=0).tolist()))
+    return pb.Example(features=pb.Features(feature=feats)).SerializeToString(deterministic=True)

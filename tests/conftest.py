@@ -1,0 +1,33 @@
+"""Shared fixtures: small synthetic YouTube-8M data sets generated once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import model  # noqa: F401  (must precede TensorFlow: see model/__init__.py)
+
+# shared/ lies beside the checkout (in CI too); YT8M_REAL_DATA overrides.
+REAL_DATA = Path(os.environ.get("YT8M_REAL_DATA",
+                                Path(__file__).resolve().parents[2] / "shared" / "data" / "yt8m_real"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_frame_dir(tmp_path_factory) -> Path:
+    """24 frame-level videos with segment ratings in 2 shards (``train0000/0001.tfrecord``), seed 5."""
+    from pipeline import synthetic
+
+    out = tmp_path_factory.mktemp("synthetic_frame")
+    synthetic.generate(str(out), videos=24, shards=2, seed=5, segments=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_video_dir(tmp_path_factory) -> Path:
+    """The same 24 videos as ``synthetic_frame_dir`` written at video level (``tf.train.Example`` means)."""
+    from pipeline import synthetic
+
+    out = tmp_path_factory.mktemp("synthetic_video")
+    synthetic.generate(str(out), videos=24, shards=2, seed=5, level="video")
+    return out

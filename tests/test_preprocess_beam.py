@@ -1,0 +1,371 @@
+"""beam_jobs.preprocess end to end on generated and real data, checked against TensorFlow's parse and numpy.
+
+The Beam runs use the local FnApiRunner: one in-process worker where the test is about results, two worker
+processes once (the training split), so the multi-process path and its metrics are exercised too.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from beam_jobs import options as job_options
+from beam_jobs import preprocess
+from pipeline import shards, synthetic
+from pipeline.records import VideoRecord, encode_sequence_example
+from pipeline.tfrecord import frame_record
+from pipeline.whitening import MomentAccumulator, WhiteningSet
+
+REAL_DATA = Path("/work/shared/data/yt8m_real")
+ONE_WORKER = ["--direct_num_workers", "1"]
+TWO_WORKERS = ["--direct_num_workers", "2"]
+
+
+# -- independent readers: TensorFlow's own parse and the official dequantization -------------------------------
+def tf_frame_records(pattern: str) -> dict:
+    """id -> dict(labels, rgb, audio (T, D) float32, segment arrays) parsed by TensorFlow."""
+    import tensorflow as tf
+
+    out = {}
+    for path in sorted(glob.glob(pattern)):
+        for raw in tf.data.TFRecordDataset(path):
+            ctx, seq = tf.io.parse_single_sequence_example(
+                raw, context_features={"id": tf.io.FixedLenFeature([], tf.string),
+                                       "labels": tf.io.VarLenFeature(tf.int64),
+                                       "segment_start_times": tf.io.VarLenFeature(tf.int64),
+                                       "segment_labels": tf.io.VarLenFeature(tf.int64),
+                                       "segment_scores": tf.io.VarLenFeature(tf.float32)},
+                sequence_features={"rgb": tf.io.FixedLenSequenceFeature([], tf.string),
+                                   "audio": tf.io.FixedLenSequenceFeature([], tf.string)})
+            feats = {k: tf.cast(tf.io.decode_raw(seq[k], tf.uint8), tf.float32).numpy() * (4 / 255) + (4 / 512 - 2)
+                     for k in ("rgb", "audio")}
+            out[ctx["id"].numpy().decode()] = dict(
+                labels=tf.sparse.to_dense(ctx["labels"]).numpy(), **feats,
+                **{k: tf.sparse.to_dense(ctx[k]).numpy() for k in
+                   ("segment_start_times", "segment_labels", "segment_scores")})
+    return out
+
+
+def numpy_whitening(frames: np.ndarray, dims: int, epsilon: float = 1e-4):
+    """(mean, eigenvalues, components) of the top ``dims`` principal axes, straight from np.cov + eigh."""
+    mean = frames.mean(axis=0)
+    values, vectors = np.linalg.eigh(np.cov(frames, rowvar=False))
+    order = np.argsort(values)[::-1][:dims]
+    return mean, values[order], vectors[:, order].T
+
+
+def shard_rows(out: Path, features=("rgb",)) -> dict:
+    return {v.id: v for v in shards.iter_videos(str(out), features=features)}
+
+
+def dead_letters(out: Path) -> list[dict]:
+    lines = []
+    for path in sorted((out / "dead_letter").glob("*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return lines
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("raw")
+    synthetic.generate(str(root / "train"), videos=24, shards=2, seed=5, min_frames=30, max_frames=70)
+    synthetic.generate(str(root / "val"), videos=8, shards=1, seed=6, segments=True, prefix="validate",
+                       min_frames=30, max_frames=70)
+    return root
+
+
+# -- end to end: fit, write, reuse, rerun ----------------------------------------------------------------------
+def test_train_and_validation_splits_end_to_end(raw, tmp_path):
+    train, val = tmp_path / "train", tmp_path / "val"
+    summary = preprocess.run(["--input", str(raw / "train/*.tfrecord"), "--output", str(train),
+                              "--features", "rgb,audio", "--pca-dims", "rgb=32,audio=16", "--num-shards", "3"]
+                             + TWO_WORKERS, save_main_session=False)
+    expected = tf_frame_records(str(raw / "train/*.tfrecord"))
+    assert len(expected) == 24
+    assert (summary["read"], summary["written"], summary["dead_lettered_total"]) == (24, 24, 0)
+    assert summary["written_frames"] == sum(v["rgb"].shape[0] for v in expected.values())
+    assert json.loads((train / "summary.json").read_text()) == summary
+    assert json.loads((train / "config.json").read_text())["pca_dims"] == {"rgb": 32, "audio": 16}
+    assert dead_letters(train) == [] and len(list((train / "dead_letter").glob("*.jsonl"))) == 1
+
+    # whitening.npz is the numpy fit of the same (TensorFlow-parsed) frames
+    ws = WhiteningSet.load(train / "whitening.npz")
+    for name, dims in (("rgb", 32), ("audio", 16)):
+        frames = np.concatenate([v[name] for v in expected.values()]).astype(np.float64)
+        mean, values, vectors = numpy_whitening(frames, dims)
+        w = ws[name]
+        assert w.count == frames.shape[0]
+        np.testing.assert_allclose(w.mean, mean, atol=1e-9)
+        np.testing.assert_allclose(w.eigenvalues, values, rtol=1e-8)
+        np.testing.assert_allclose(np.abs(np.sum(w.components * vectors, axis=1)), 1.0, atol=1e-8)
+
+    # the written training features are white: mean 0, covariance identity (up to float16 and epsilon)
+    written = shard_rows(train, ("rgb", "audio"))
+    assert set(written) == set(expected)
+    for name, dims in (("rgb", 32), ("audio", 16)):
+        x = np.concatenate([written[i].features[name] for i in sorted(written)]).astype(np.float64)
+        assert x.shape[1] == dims
+        assert np.abs(x.mean(axis=0)).max() < 5e-3
+        np.testing.assert_allclose(np.cov(x, rowvar=False), np.eye(dims), atol=5e-3)
+    for vid, v in written.items():
+        np.testing.assert_array_equal(np.sort(v.labels), np.sort(expected[vid]["labels"]))
+        assert v.num_frames == expected[vid]["rgb"].shape[0]
+    names = sorted(p.name for p in (train / "shards").iterdir())
+    assert names == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
+    train_sha = sha256(train / "whitening.npz")
+    assert {shards.read_shard_info(str(p)).whitening_sha256 for p in (train / "shards").iterdir()} == {train_sha}
+
+    # validation split: reuses the training statistics byte for byte, keeps its segment ratings
+    preprocess.run(["--input", str(raw / "val/*.tfrecord"), "--output", str(val), "--features", "rgb,audio",
+                    "--whitening", str(train / "whitening.npz")] + ONE_WORKER, save_main_session=False)
+    assert sha256(val / "whitening.npz") == train_sha
+    info = shards.read_shard_info(shards.list_shards(str(val))[0])
+    assert info.whitening_sha256 == train_sha and info.has_segments and info.features == {"rgb": 32, "audio": 16}
+    val_expected = tf_frame_records(str(raw / "val/*.tfrecord"))
+    val_written = shard_rows(val)
+    assert set(val_written) == set(val_expected)
+    for vid, v in val_written.items():
+        np.testing.assert_array_equal(v.segment_start_times, val_expected[vid]["segment_start_times"])
+        np.testing.assert_array_equal(v.segment_labels, val_expected[vid]["segment_labels"])
+        np.testing.assert_array_equal(v.segment_scores, val_expected[vid]["segment_scores"])
+        want = ws["rgb"].transform(val_expected[vid]["rgb"], dtype=np.float64)
+        np.testing.assert_allclose(v.features["rgb"], want, rtol=2e-3, atol=2e-3)
+
+    # a rerun into the same directory replaces the shards: 3 before, exactly 2 after
+    again = preprocess.run(["--input", str(raw / "train/*.tfrecord"), "--output", str(train), "--features",
+                            "rgb,audio", "--whitening", str(train / "whitening.npz"), "--num-shards", "2"]
+                           + ONE_WORKER, save_main_session=False)
+    names = sorted(p.name for p in (train / "shards").iterdir())
+    assert names == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    assert again["written"] == 24 and sha256(train / "whitening.npz") == train_sha
+    assert len(shard_rows(train)) == 24
+
+
+# -- every kind of bad input reaches the dead letter -----------------------------------------------------------
+def _sequence_example(video_id="bad0", labels=(1,), rgb_frames=3, audio_frames=None, rgb_bytes=1024,
+                      context=None, id_key="id") -> bytes:
+    import tensorflow as tf
+
+    audio_frames = rgb_frames if audio_frames is None else audio_frames
+
+    def frames(n, size):
+        return tf.train.FeatureList(feature=[tf.train.Feature(bytes_list=tf.train.BytesList(value=[bytes(size)]))
+                                             for _ in range(n)])
+
+    ctx = {id_key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[video_id.encode()])),
+           "labels": tf.train.Feature(int64_list=tf.train.Int64List(value=list(labels)))}
+    ctx.update(context or {})
+    return tf.train.SequenceExample(
+        context=tf.train.Features(feature=ctx),
+        feature_lists=tf.train.FeatureLists(feature_list={"rgb": frames(rgb_frames, rgb_bytes),
+                                                          "audio": frames(audio_frames, 128)})).SerializeToString()
+
+
+def _good(index: int, frames: int = 20, segments=None, audio=True) -> bytes:
+    rng = np.random.default_rng(index)
+    rec = VideoRecord(id=f"ok{index:02d}", labels=np.array([index % 7, 10 + index], np.int32),
+                      rgb=rng.integers(0, 256, (frames, 1024), dtype=np.uint8),
+                      audio=rng.integers(0, 256, (frames, 128), dtype=np.uint8) if audio else None)
+    if segments is not None:
+        rec.segment_start_times = np.asarray(segments, np.int32)
+        rec.segment_labels = np.full(len(segments), 3, np.int32)
+        rec.segment_scores = np.ones(len(segments), np.float32)
+    return encode_sequence_example(rec)
+
+
+def _write(path: Path, payloads: list[bytes]) -> list[int]:
+    """Write TFRecord frames; returns each record's byte offset (8 + 4 + payload + 4 bytes per record)."""
+    offsets, pos = [], 0
+    with open(path, "wb") as f:
+        for p in payloads:
+            offsets.append(pos)
+            f.write(frame_record(p))
+            pos += 16 + len(p)
+    return offsets
+
+
+def test_every_bad_input_kind_is_dead_lettered_and_counted(tmp_path):
+    import tensorflow as tf
+
+    def int_feature(values):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+    src = tmp_path / "in"
+    src.mkdir()
+    mixed = [
+        ("ok", _good(0, segments=[0, 10, 40])),  # first record: the shards get segment columns; 1 rating dropped
+        ("bad_frame_length", _sequence_example(rgb_bytes=1000)),
+        ("frame_count_mismatch", _sequence_example(rgb_frames=5, audio_frames=4)),
+        ("zero_frames", _sequence_example(rgb_frames=0)),
+        ("label_out_of_range", _sequence_example(labels=(3, 5000))),
+        ("segment_length_mismatch", _sequence_example(context={"segment_start_times": int_feature([0, 5]),
+                                                               "segment_labels": int_feature([1])})),
+        ("unparsable", b"\xff\x00 not a protocol buffer \x01"),
+        ("legacy_2017_format", _sequence_example(id_key="video_id")),
+        ("missing_feature", _good(1, audio=False)),
+        ("ok", _good(2, frames=305)),  # cut to 300 frames, counted, written
+        ("ok", _good(3)),
+    ]
+    mixed_offsets = _write(src / "a_mixed.tfrecord", [p for _, p in mixed])
+
+    crc_payloads = [_good(10), _good(11), _good(12)]
+    crc_offsets = _write(src / "b_bad_crc.tfrecord", crc_payloads)
+    data = bytearray((src / "b_bad_crc.tfrecord").read_bytes())
+    data[crc_offsets[1] + 12 + 100] ^= 0xFF  # damage the second payload: its data CRC fails, the third is intact
+    (src / "b_bad_crc.tfrecord").write_bytes(bytes(data))
+
+    trunc_offsets = _write(src / "c_truncated.tfrecord", [_good(20), _good(21), _good(22)])
+    data = (src / "c_truncated.tfrecord").read_bytes()
+    (src / "c_truncated.tfrecord").write_bytes(data[:trunc_offsets[2] + 500])
+
+    out = tmp_path / "out"
+    summary = preprocess.run(["--input", str(src / "*.tfrecord"), "--output", str(out), "--features", "rgb,audio",
+                              "--pca-dims", "8"] + ONE_WORKER, save_main_session=False)
+
+    good_ids = {"ok00", "ok02", "ok03", "ok10", "ok12", "ok20", "ok21"}
+    reasons = [r for r, _ in mixed if r != "ok"] + ["bad_data_crc", "truncated"]
+    assert summary["written"] == len(good_ids)
+    assert summary["dead_lettered"] == {r: 1 for r in reasons}
+    assert summary["read"] == len(mixed) + 3 + 3 == summary["written"] + summary["dead_lettered_total"]
+    assert summary["invariant_holds"]
+    assert (summary["truncated_records"], summary["truncated_frames"], summary["dropped_segments"]) == (1, 5, 1)
+
+    expected = {(str(src / "a_mixed.tfrecord"), off, r) for (r, _), off in zip(mixed, mixed_offsets) if r != "ok"}
+    expected |= {(str(src / "b_bad_crc.tfrecord"), crc_offsets[1], "bad_data_crc"),
+                 (str(src / "c_truncated.tfrecord"), trunc_offsets[2], "truncated")}
+    letters = dead_letters(out)
+    assert {(d["source"], d["position"], d["reason"]) for d in letters} == expected
+    assert all(d["message"] for d in letters)
+    ids = {d["reason"]: d["id"] for d in letters}
+    assert ids["label_out_of_range"] == "bad0" and ids["missing_feature"] == "ok01" and ids["unparsable"] is None
+
+    written = shard_rows(out)
+    assert set(written) == good_ids
+    assert written["ok02"].num_frames == 300
+    np.testing.assert_array_equal(written["ok00"].segment_start_times, [0, 10])
+    assert written["ok03"].segment_start_times.size == 0  # schema has segment columns; this video has none
+
+
+# -- the real 2018 video-level shards --------------------------------------------------------------------------
+@pytest.mark.skipif(not REAL_DATA.exists(), reason="real YouTube-8M samples not present")
+def test_real_video_level_shards_have_no_dead_letter(tmp_path):
+    import tensorflow as tf
+
+    out = tmp_path / "real"
+    summary = preprocess.run(["--input", str(REAL_DATA / "*.tfrecord"), "--output", str(out), "--level", "video",
+                              "--features", "rgb,audio"] + ONE_WORKER, save_main_session=False)
+    assert (summary["read"], summary["written"], summary["dead_lettered_total"]) == (494, 494, 0)
+    assert dead_letters(out) == []
+
+    expected = {}
+    spec = {"id": tf.io.FixedLenFeature([], tf.string), "labels": tf.io.VarLenFeature(tf.int64),
+            "mean_rgb": tf.io.FixedLenFeature([1024], tf.float32),
+            "mean_audio": tf.io.FixedLenFeature([128], tf.float32)}
+    for raw in tf.data.TFRecordDataset(sorted(glob.glob(str(REAL_DATA / "*.tfrecord")))):
+        ex = tf.io.parse_single_example(raw, spec)
+        expected[ex["id"].numpy().decode()] = (tf.sparse.to_dense(ex["labels"]).numpy(), ex["mean_rgb"].numpy())
+    ws = WhiteningSet.load(out / "whitening.npz")
+    written = shard_rows(out, ("rgb", "audio"))
+    assert len(written) == 494 and set(written) == set(expected)
+    for vid, v in written.items():
+        labels, mean_rgb = expected[vid]
+        np.testing.assert_array_equal(v.labels, labels)
+        assert v.num_frames == 1 and v.features["rgb"].shape == (1, 1024) and v.features["audio"].shape == (1, 128)
+        want = ws["rgb"].transform(mean_rgb[None], dtype=np.float64)
+        np.testing.assert_allclose(v.features["rgb"], want, rtol=2e-3, atol=2e-2)
+    assert shards.read_shard_info(shards.list_shards(str(out))[0]).level == "video"
+    assert summary["whitening"]["warnings"]  # 494 frames < 1024 dims: the rank-deficient fit is reported
+
+
+# -- pieces: the combiner, flag parsing, runner choice, error lines --------------------------------------------
+@pytest.mark.parametrize("batch_frames", [1, 7, 10_000])
+@pytest.mark.parametrize("split", [1, 3])
+def test_moments_combiner_matches_numpy(batch_frames, split):
+    rng = np.random.default_rng(batch_frames + split)
+    videos = [VideoRecord(id=str(i), labels=np.zeros(0, np.int32),
+                          rgb=rng.integers(0, 256, (int(rng.integers(1, 9)), 1024), dtype=np.uint8),
+                          audio=rng.integers(0, 256, (1, 128), dtype=np.uint8)) for i in range(12)]
+    videos = [v if v.audio.shape[0] == v.num_frames else VideoRecord(
+        id=v.id, labels=v.labels, rgb=v.rgb, audio=np.repeat(v.audio, v.num_frames, 0)) for v in videos]
+    fn = preprocess.MomentsCombineFn(("rgb", "audio"), batch_frames=batch_frames, blas_threads=None)
+    import pickle
+
+    parts = []
+    for chunk in np.array_split(np.arange(len(videos)), split):
+        acc = fn.create_accumulator()
+        for i in chunk:
+            acc = fn.add_input(acc, ("src", 0, videos[i]))
+        parts.append(pickle.loads(pickle.dumps(fn.compact(acc))))  # as between workers
+    moments = fn.extract_output(fn.merge_accumulators(parts))
+    for name in ("rgb", "audio"):
+        x = np.concatenate([v.features(name) for v in videos]).astype(np.float64)
+        assert moments[name].count == x.shape[0]
+        np.testing.assert_allclose(moments[name].mean, x.mean(0), atol=1e-12)
+        np.testing.assert_allclose(moments[name].covariance(), np.cov(x, rowvar=False), atol=1e-10)
+
+
+@pytest.mark.parametrize("text, features, expected", [
+    (None, ("rgb",), None),
+    ("512", ("rgb", "audio"), {"rgb": 512, "audio": 128}),
+    ("64", ("rgb", "audio"), {"rgb": 64, "audio": 64}),
+    ("rgb=256,audio=32", ("rgb", "audio"), {"rgb": 256, "audio": 32}),
+    ("audio=32", ("rgb", "audio"), {"audio": 32}),
+])
+def test_pca_dims_flag(text, features, expected):
+    assert preprocess.parse_pca_dims(text, features) == expected
+
+
+@pytest.mark.parametrize("text, features", [("0", ("rgb",)), ("rgb=2000", ("rgb",)), ("audio=8", ("rgb",)),
+                                            ("rgb=x", ("rgb",))])
+def test_bad_pca_dims_flag(text, features):
+    with pytest.raises(preprocess.FlagError):
+        preprocess.parse_pca_dims(text, features)
+
+
+def test_default_runner_is_local_fnapi_and_dataflow_passes_through():
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    local = job_options.make_pipeline_options([])
+    assert isinstance(job_options.make_runner(local), FnApiRunner)  # never the Prism download
+    direct = local.get_all_options()
+    assert direct["direct_num_workers"] == (os.cpu_count() or 1)
+    assert direct["direct_running_mode"] == ("multi_processing" if (os.cpu_count() or 1) > 1 else "in_memory")
+    dataflow = job_options.make_pipeline_options(["--runner=DataflowRunner", "--project=p", "--region=r"])
+    assert job_options.make_runner(dataflow) is None
+    assert dataflow.get_all_options()["setup_file"] == str(job_options.REPO_ROOT / "setup.py")
+
+
+def test_entry_point_errors_are_one_line(raw, tmp_path, capsys):
+    def fails(*argv: str) -> str:
+        assert preprocess.main(list(argv) + ONE_WORKER) != 0
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err
+        return err
+
+    assert "matches no file" in fails("--input", str(tmp_path / "none/*.tfrecord"), "--output", str(tmp_path / "o"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    assert "junk.npz" in fails("--input", str(raw / "val/*.tfrecord"), "--output", str(tmp_path / "o"),
+                               "--whitening", str(tmp_path / "junk.npz"))
+    from pipeline.whitening import fit_whitening_set
+
+    rgb_only = fit_whitening_set({"rgb": MomentAccumulator.of(np.random.default_rng(0).normal(size=(50, 1024)))},
+                                 dims=4)
+    rgb_only.save(tmp_path / "rgb.npz")
+    assert "'audio'" in fails("--input", str(raw / "val/*.tfrecord"), "--output", str(tmp_path / "o"),
+                              "--features", "rgb,audio", "--whitening", str(tmp_path / "rgb.npz"))
+    assert "--pca-dims" in fails("--input", str(raw / "val/*.tfrecord"), "--output", str(tmp_path / "o"),
+                                 "--pca-dims", "8", "--whitening", str(tmp_path / "rgb.npz"))
+    assert not (tmp_path / "o").exists()  # refused before touching the output directory
+    junk = tmp_path / "junk.tfrecord"
+    _write(junk, [b"\xff\x00 junk", b"\xff\xff"])
+    err = fails("--input", str(junk), "--output", str(tmp_path / "o"))
+    assert "usable frames" in err and "unparsable 2" in err
