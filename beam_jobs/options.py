@@ -11,14 +11,16 @@ shipping the code to the workers was chosen.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, SetupOptions,
                                                   StandardOptions)
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Each local worker process gets one BLAS thread: N single-threaded workers beat N workers fighting over cores.
@@ -66,26 +68,44 @@ def make_pipeline_options(beam_args: Sequence[str], save_main_session: bool = Tr
     return options
 
 
-def prepare_local_workers() -> None:
-    """Environment that local worker subprocesses inherit: one BLAS thread each, this project importable.
-
-    Must run before the runner starts its workers. Values the user already set are kept.
-    """
+@contextlib.contextmanager
+def worker_environment(options: PipelineOptions) -> Iterator[None]:
+    """While a local pipeline runs, the environment its worker subprocesses inherit: one BLAS thread each and
+    this project importable. Values the user already set are kept; everything is restored afterwards, so the
+    calling process (a test session, a notebook) is left as it was. No effect for other runners."""
+    if not is_local(options):
+        yield
+        return
+    saved = {var: os.environ.get(var) for var in (*BLAS_THREAD_VARS, "PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")}
     for var in BLAS_THREAD_VARS:
         os.environ.setdefault(var, "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # each worker imports TensorFlow: no INFO banner per worker
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(REPO_ROOT) not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 def make_runner(options: PipelineOptions) -> beam.runners.PipelineRunner | None:
-    """The runner to construct a pipeline with: our FnApiRunner when none was named, else None (Beam picks it)."""
+    """The runner to construct a pipeline with: ``LocalRunner`` when none was named, else None (Beam picks it)."""
     if not is_local(options):
         return None
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    return LocalRunner()
 
-    prepare_local_workers()
-    return FnApiRunner()
+
+class LocalRunner(FnApiRunner):
+    """``FnApiRunner`` whose worker subprocesses start inside ``worker_environment`` (its run is blocking)."""
+
+    def run_pipeline(self, pipeline, options):
+        with worker_environment(options):
+            return super().run_pipeline(pipeline, options)
 
 
 def new_pipeline(options: PipelineOptions) -> beam.Pipeline:

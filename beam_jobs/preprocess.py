@@ -699,7 +699,9 @@ def detect_segments(paths: Sequence[str], level: str, max_files: int = 4, max_re
 def prepare_output(cfg: JobConfig) -> None:
     """Remove what a previous run left that this run rewrites (shards, dead letters, summary)."""
     fs, root = fsspec.core.url_to_fs(cfg.output)
-    fs.makedirs(root, exist_ok=True)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "file" in protocols:  # object stores have no directories (and gcsfs would try to create a bucket)
+        fs.makedirs(root, exist_ok=True)
     for part in ("summary.json", "shards", "dead_letter", "moments.npz"):
         _remove(cfg.path(part))
 
@@ -768,7 +770,9 @@ def summarize(cfg: JobConfig, counts: dict[str, int], paths: Sequence[str], fit:
         "dropped_segments": counts.get("dropped_segments", 0),
         "unwritten_segment_records": counts.get("unwritten_segment_records", 0),
         "has_segments": has_segments,
-        "whitening": {"sha256": sha, "feature_dims": whitening.feature_dims, **fit},
+        "whitening": {"sha256": sha, "feature_dims": whitening.feature_dims,
+                      "mode": {name: whitening[name].mode for name in cfg.features},
+                      "epsilon": {name: whitening[name].epsilon for name in cfg.features}, **fit},
         "seconds": seconds,
     }
     return summary
@@ -839,6 +843,9 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Local workers' start-up chatter (e.g. "No semi_persistent_directory found") is relayed at WARNING.
+    logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines on import
     try:
         run(argv)
     except Yt8mError as e:

@@ -9,7 +9,9 @@ Everything runs on the same generated frame-level TFRecords, in one invocation, 
    interpreter, Beam and TensorFlow start-up count, as for a user): the whole job (fit + write) and its write pass
    alone (read, decode, whiten, write Parquet); against the baseline: TFRecordDataset + parse_single_sequence_example
    + decode_raw in a parallel tf.data map, then the same float32 whitening in numpy with the job's fitted statistics
-   (no Parquet written). Ratio = Beam write pass / baseline.
+   (no Parquet written). Ratio = Beam write pass / baseline. "Fixed cost" is the same job on a 2-video input:
+   process, pipeline and worker start-up (each worker process imports TensorFlow for the record protos); the
+   "net" column divides the frames by the job's time minus that cost, which is noisy when the two are close.
 2. Peak memory of the fit path (read framing -> decode -> MomentsCombineFn -> fit), each size in a fresh
    subprocess: tracemalloc peak of Python/numpy allocations after start-up, and max RSS. It must not grow with the
    number of videos: the accumulator is O(D^2) and frames are added in fixed-size batches.
@@ -32,6 +34,7 @@ from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import numpy as np  # noqa: E402
 
@@ -215,11 +218,13 @@ def main(args: argparse.Namespace) -> None:
             ("TFRecords, tf.data parse + decode_raw + dequantize", read_tfrecord_tf(files)),
             ("TFRecords, pipeline.tfrecord + pipeline.records (Python)", read_tfrecord_python(files))]
     parquet_fps = rows[0][1][0] / rows[0][1][1]
-    print("| reader | frames | seconds | frames/s | Parquet / this |")
-    print("|---|---:|---:|---:|---:|")
-    for name, (frames, secs) in rows:
+    sizes = [sum(os.path.getsize(f) for f in glob.glob(f"{out}/shards/*.parquet")) / 2**20, mb, mb]
+    print("| reader | MiB on disk | frames | seconds | frames/s | Parquet / this |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (name, (frames, secs)), size in zip(rows, sizes):
         assert frames == total, (name, frames, total)
-        print(f"| {name} | {frames} | {secs:.2f} | {frames / secs:,.0f} | {parquet_fps / (frames / secs):.2f} |")
+        print(f"| {name} | {size:.0f} | {frames} | {secs:.2f} | {frames / secs:,.0f} | "
+              f"{parquet_fps / (frames / secs):.2f} |")
     if tmp is not None:
         tmp.cleanup()
 

@@ -28,11 +28,14 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         if mask is None or not self.training:
             return super().forward(x)
         B, C, T = x.shape
+        # Statistics in float32 even under autocast (as nn.BatchNorm1d does): a bfloat16 sum over B * T steps
+        # would lose most of its digits.
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
         m = mask.unsqueeze(1).to(x.dtype)  # (B, 1, T)
         n = m.sum().clamp_min(1.0)
         mean = (x * m).sum(dim=(0, 2)) / n  # (C,)
-        centered = (x - mean.view(1, C, 1)) * m
-        var = centered.pow(2).sum(dim=(0, 2)) / n  # biased, as BN normalizes with
+        var = ((x - mean.view(1, C, 1)) * m).pow(2).sum(dim=(0, 2)) / n  # biased, as BN normalizes with
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -6,6 +6,16 @@
 Prints Hit@1, PERR, GAP@20 and the YouTube-8M mAP (plus the full-ranking mAP that scikit-learn computes, named
 apart), writes them as JSON, and optionally the official video-level submission (``VideoId,LabelConfidencePairs``,
 top 20 classes per video) from which anyone can recompute GAP.
+
+Segment level (2019 challenge), on data with segment ratings:
+
+    python -m model.evaluate --segments --checkpoint CKPT --data DATA/validate [--scorer frames|context]
+        [--classes segment_label_ids.csv] [--k 100000]
+    python -m model.evaluate --segments --submission submission.csv --data DATA/validate
+
+The first ranks every 5-second window of every video per class (bounded top lists of ``--k``) and scores the
+ranking; the second scores an existing ``Class,Segments`` file, ours or anyone's (no checkpoint needed). Both
+report segment MAP@K exactly as ``model.metrics.segment_map_report`` defines it, with per-class AP in the JSON.
 """
 from __future__ import annotations
 
@@ -13,19 +23,21 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import DataError, dataset_summary, make_loader
 from model.device import autocast, resolve_device
-from model.metrics import VideoMetrics
+from model.metrics import SEGMENT_TOP_K, SegmentRatings, VideoMetrics, segment_map_report
 from model.submission import VideoPredictionWriter
-from model.video_model import build_video_model
+from model.video_model import build_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a model.train_video run")
+    p.add_argument("--checkpoint", default=None,
+                   help="best.pt or last.pt of a model.train_video run (not needed with --submission)")
     p.add_argument("--data", required=True, help="shards to evaluate: a preprocess output dir, glob or gs:// path")
     p.add_argument("--out", default=None, help="metrics JSON (default: beside the checkpoint, eval_<data>.json)")
     p.add_argument("--write-predictions", default=None, metavar="FILE.csv",
@@ -35,6 +47,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    g = p.add_argument_group("segment level (2019 challenge)")
+    g.add_argument("--segments", action="store_true", help="segment MAP@K on the rated segments of --data")
+    g.add_argument("--submission", default=None, metavar="FILE.csv",
+                   help="score this Class,Segments file instead of a checkpoint's predictions")
+    g.add_argument("--scorer", default=None, help="segment scorer: frames or context (default: model.segments')")
+    g.add_argument("--classes", default=None, metavar="FILE",
+                   help="classes to rank (segment_label_ids.csv format); default: the rated classes of --data")
+    g.add_argument("--k", type=int, default=SEGMENT_TOP_K, help="MAP@K cut per class")
     return p
 
 
@@ -45,8 +65,7 @@ def load_model(checkpoint: str, device: torch.device):
     if not isinstance(a, dict) or "head" not in a:
         raise CheckpointError(f"{checkpoint} is not a model.train_video checkpoint (no training args)")
     emb = ckpt["model"].get("head.label_embeddings") if a["head"] == "cma" else None
-    model = build_video_model(a["head"], a["backbone"], in_dim=a["feature_dim"], num_classes=a["num_classes"],
-                              label_embeddings=emb)
+    model = build_model(a, label_embeddings=emb)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -67,6 +86,10 @@ def predict(model, loader, device):
 
 
 def main(args) -> dict:
+    if args.segments or args.submission:
+        return main_segments(args)
+    if not args.checkpoint:
+        raise CheckpointError("--checkpoint is required (except with --segments --submission FILE.csv)")
     device = resolve_device(args.device)
     model, train_args = load_model(args.checkpoint, device)
     features = tuple(train_args["features"].split(","))
@@ -105,6 +128,93 @@ def format_table(r: dict) -> str:
         rows.append(("mAP (full ranking, sklearn)", f"{r['map_full_ranking']:.4f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"| {k:<{width}} | {v:>8} |" for k, v in rows)
+
+
+def read_segment_ratings(data: str) -> SegmentRatings:
+    """The rated (segment, class) pairs of every shard under ``data`` (only the id and segment columns are read)."""
+    from pipeline import shards as shard_io
+
+    ratings = SegmentRatings()
+    for path in shard_io.list_shards(str(data)):
+        if not shard_io.read_shard_info(path).has_segments:
+            raise DataError(f"{path} has no segment columns: segment MAP needs segment-rated data "
+                            f"(e.g. the 2019 validate split)")
+        cols = ["id", "segment_start_times", "segment_labels", "segment_scores"]
+        for batch in shard_io.iter_batches(path, columns=cols):
+            d = batch.to_pydict()
+            for vid, starts, labels, scores in zip(d["id"], d["segment_start_times"], d["segment_labels"],
+                                                   d["segment_scores"]):
+                ratings.add_video(vid, starts or [], labels or [], scores or [])
+    return ratings
+
+
+def predict_segment_ranking(model, loader, device, classes, k: int, scorer: str):
+    """Per class of ``classes`` its ``k`` best windows over all videos of ``loader``: {class: [(vid, start)]}."""
+    from model.segments import TopSegmentsPerClass, score_segments
+
+    top = TopSegmentsPerClass(classes, k)
+    index = torch.as_tensor(classes, device=device)
+    with torch.no_grad():
+        for batch in loader:
+            x = batch["x"].to(device, non_blocking=True)
+            mask = batch["mask"].to(device, non_blocking=True)
+            with autocast(device):
+                scored = score_segments(model, x, mask, scorer)
+            b_idx, s_idx = np.nonzero(scored.valid.cpu().numpy())
+            sel = scored.scores.index_select(-1, index).float().cpu().numpy()[b_idx, s_idx]  # (n, C)
+            top.add([batch["ids"][b] for b in b_idx.tolist()], scored.start_times[s_idx], sel)
+    return top.ranked(), top.segments_seen
+
+
+def main_segments(args) -> dict:
+    """Segment MAP@K of a checkpoint (every window ranked) or of an existing submission CSV."""
+    from model.segments import DEFAULT_SCORER, SCORERS, SegmentError, read_class_ids
+    from model.submission import read_segment_submission
+
+    if args.k < 1:
+        raise SegmentError(f"--k must be >= 1, got {args.k}")
+    ratings = read_segment_ratings(args.data)
+    if ratings.num_ratings == 0:
+        raise DataError(f"{args.data} holds no segment rating")
+    result = {"data": str(args.data), "k": args.k, "ratings": ratings.num_ratings,
+              "rated_classes": len(ratings)}
+    if args.submission:
+        if args.checkpoint:
+            raise SegmentError("give --checkpoint or --submission, not both")
+        submission = read_segment_submission(args.submission)
+        result["submission"] = str(args.submission)
+        default_out = Path(args.submission).with_name(f"eval_segments_{Path(args.data).name}.json")
+    else:
+        if not args.checkpoint:
+            raise CheckpointError("--segments needs --checkpoint (or --submission FILE.csv)")
+        scorer = args.scorer or DEFAULT_SCORER
+        if scorer not in SCORERS:
+            raise SegmentError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+        device = resolve_device(args.device)
+        model, train_args = load_model(args.checkpoint, device)
+        features = tuple(train_args["features"].split(","))
+        num_classes = int(train_args["num_classes"])
+        classes = read_class_ids(args.classes) if args.classes else np.array(sorted(ratings), dtype=np.int64)
+        if classes.max() >= num_classes:
+            raise SegmentError(f"class {int(classes.max())} is outside the model's {num_classes} classes")
+        loader = make_loader(args.data, batch_size=args.batch_size, workers=args.workers, features=features,
+                             num_classes=num_classes, max_frames=train_args["max_frames"], shuffle=False,
+                             device=device)
+        submission, windows = predict_segment_ranking(model, loader, device, classes, args.k, scorer)
+        result.update(checkpoint=str(args.checkpoint), scorer=scorer, windows=windows)
+        default_out = Path(args.checkpoint).with_name(f"eval_segments_{Path(args.data).name}.json")
+    rep = segment_map_report(submission, ratings, args.k)
+    result.update(segment_map=rep.map, classes=rep.classes, predictions=rep.predictions, hits=rep.hits,
+                  unrated=rep.unrated, truncated=rep.truncated, duplicates=rep.duplicates,
+                  rated_classes_not_submitted=rep.rated_classes_not_submitted,
+                  classes_without_positives=len(rep.classes_without_positives),
+                  per_class_ap={str(c): ap for c, ap in sorted(rep.per_class_ap.items())})
+    out = Path(args.out) if args.out else default_out
+    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(f"| segment MAP@{args.k} | {rep.map:.4f} |\n| classes | {rep.classes} |\n| rated predictions | "
+          f"{rep.predictions - rep.unrated - rep.duplicates} |\n| hits | {rep.hits} |")
+    print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":

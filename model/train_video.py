@@ -5,6 +5,13 @@
 Defaults are the paper's (section 4.2): SGD momentum 0.9, lr 0.0002 decayed by 0.8 every 2e6 samples, batch 256,
 beta 0. The run directory gets ``config.json`` (resolved flags), ``metrics.json`` (one entry per epoch),
 ``last.pt`` / ``best.pt`` (by validation GAP) and TensorBoard scalars under ``tb/``.
+
+Segment fine-tuning (2019 challenge recipe: video labels first, then a few thousand steps on rated segments):
+
+    python -m model.train_video --segment-labels --init runs/cma/best.pt --train DATA/validate_a --val DATA/validate_b ...
+
+Each rated (video, segment) becomes a 5-frame example whose targets are its ratings (1/0); unrated classes are
+ignored by the loss. Validation (and best.pt) then uses the segment MAP on the rated segments of --val.
 """
 from __future__ import annotations
 
@@ -26,10 +33,11 @@ from model.data import DataError, dataset_summary, make_loader
 from model.device import autocast, resolve_device
 from model.losses import ClassBalancedBCE, label_frequencies
 from model.metrics import VideoMetrics
-from model.video_model import build_video_model
+from model.segments import rated_segment_map, segment_training_examples
+from model.video_model import build_model
 
 # Flags a checkpoint must agree on before it can be resumed or evaluated: they fix the parameter shapes.
-ARCH_KEYS = ("head", "backbone", "features", "num_classes", "feature_dim")
+ARCH_KEYS = ("head", "backbone", "features", "num_classes", "feature_dim", "width")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,6 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=("mean", "self-attn", "cma"), default="cma")
     p.add_argument("--backbone", choices=("snet", "fc"), default="snet")
     p.add_argument("--features", default="rgb", choices=("rgb", "rgb,audio"))
+    p.add_argument("--width", type=int, default=512, help="channels of every SNet stage / both FC layers")
     p.add_argument("--num-classes", type=int, default=3862)
     p.add_argument("--max-frames", type=int, default=300)
     p.add_argument("--label-emb", default=None,
@@ -62,6 +71,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    g = p.add_argument_group("segment fine-tuning (2019 challenge)")
+    g.add_argument("--segment-labels", action="store_true",
+                   help="train on the rated segments of --train (5-frame windows; unrated classes ignored by the "
+                        "loss); validate by segment MAP on the rated segments of --val")
+    g.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from the weights of this checkpoint (e.g. a video-level run's best.pt)")
+    g.add_argument("--segment-scorer", default="frames", choices=("frames", "context"),
+                   help="scorer of the segment MAP validation (see model.segments)")
     return p
 
 
@@ -88,12 +105,20 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch,
     for i, batch in enumerate(bar):
         if args.max_steps_per_epoch is not None and i >= args.max_steps_per_epoch:
             break
-        x = batch["x"].to(device, non_blocking=True)
-        mask = batch["mask"].to(device, non_blocking=True)
-        y = batch["labels"].to(device, non_blocking=True)
+        ignore = None
+        if getattr(args, "segment_labels", False):
+            ex = segment_training_examples(batch, args.num_classes)
+            if ex.x.shape[0] == 0:  # no rated segment in this batch
+                continue
+            x, mask = ex.x.to(device), ex.mask.to(device)
+            y, ignore = ex.targets.to(device), ex.ignore.to(device)
+        else:
+            x = batch["x"].to(device, non_blocking=True)
+            mask = batch["mask"].to(device, non_blocking=True)
+            y = batch["labels"].to(device, non_blocking=True)
         with autocast(device):
             logits = model(x, mask)
-        loss = loss_fn(logits.float(), y)
+        loss = loss_fn(logits.float(), y, ignore)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -152,6 +177,32 @@ def load_label_embeddings(args, device, out_dir: Path):
     return emb
 
 
+def init_classifier_bias(model, freqs, floor: float = 1e-4) -> None:
+    """Start each class's bias at the log-odds of its training frequency.
+
+    With 3862 classes at ~0.1% positives, a zero bias puts every sigmoid at 0.5 and the first thousands of steps
+    (at the paper's lr 0.0002, far more) go into learning the label prior instead of the video content.
+    """
+    p = torch.as_tensor(freqs, dtype=torch.float32).clamp(floor, 1 - floor)
+    with torch.no_grad():
+        model.head.classifier.bias.copy_(torch.log(p / (1 - p)))
+
+
+def init_from_checkpoint(model, args) -> None:
+    """``--init``: the weights of another run (same architecture), e.g. video-level training before segment
+    fine-tuning. Optimizer, schedule and epoch start fresh."""
+    ckpt = load_checkpoint(args.init, map_location="cpu")
+    a = ckpt.get("args") or {}
+    mismatch = {k: (a.get(k), getattr(args, k)) for k in ARCH_KEYS if k in a and a.get(k) != getattr(args, k)}
+    if mismatch:
+        raise CheckpointError(f"--init {args.init} was trained with "
+                              + ", ".join(f"{k}={v[0]!r} (this run: {v[1]!r})" for k, v in mismatch.items()))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"--init {args.init}: {str(e).splitlines()[0]}") from None
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -168,12 +219,13 @@ def main(args) -> dict:
     args.feature_dim = sum(info.feature_dims[f] for f in features if f in info.feature_dims)
     train_loader = make_loader(args.train, batch_size=args.batch_size, workers=args.workers, features=features,
                                num_classes=args.num_classes, max_frames=args.max_frames, shuffle=True,
-                               shuffle_buffer=args.shuffle_buffer, seed=args.seed, device=device)
+                               shuffle_buffer=args.shuffle_buffer, seed=args.seed, device=device,
+                               segment_labels=args.segment_labels)
     val_loader = None
     if args.val:
         val_loader = make_loader(args.val, batch_size=args.batch_size, workers=args.workers, features=features,
                                  num_classes=args.num_classes, max_frames=args.max_frames, shuffle=False,
-                                 device=device)
+                                 device=device, segment_labels=args.segment_labels)
 
     resume_path = out / "last.pt"
     ckpt = None
@@ -182,13 +234,18 @@ def main(args) -> dict:
         check_compatible(ckpt["args"], vars(args), ARCH_KEYS)
     label_emb = None
     if args.head == "cma":
-        label_emb = ckpt["model"]["head.label_embeddings"] if ckpt else load_label_embeddings(args, device, out)
-    model = build_video_model(args.head, args.backbone, in_dim=args.feature_dim, num_classes=args.num_classes,
-                              label_embeddings=label_emb).to(device)
+        init = load_checkpoint(args.init)["model"] if args.init and not ckpt else None
+        label_emb = (ckpt["model"]["head.label_embeddings"] if ckpt else
+                     init["head.label_embeddings"] if init is not None else load_label_embeddings(args, device, out))
+    model = build_model(args, label_embeddings=label_emb).to(device)
     optimizer = build_optimizer(args, model.parameters())
     scheduler = build_scheduler(args, optimizer)
-    freqs = label_frequencies(asge.read_training_labels(args.train), args.num_classes) if args.beta else None
-    loss_fn = ClassBalancedBCE(beta=args.beta, label_freq=freqs).to(device)
+    freqs = label_frequencies(asge.read_training_labels(args.train), args.num_classes)
+    if ckpt is None:
+        init_classifier_bias(model, freqs)
+    loss_fn = ClassBalancedBCE(beta=args.beta, label_freq=freqs if args.beta else None).to(device)
+    if args.init and ckpt is None:
+        init_from_checkpoint(model, args)
 
     start_epoch, step, best_gap, history = 0, 0, -math.inf, []
     if ckpt is not None:
@@ -208,13 +265,18 @@ def main(args) -> dict:
                                             args, writer, step)
         record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": v for k, v in train_stats.items()}}
-        if val_loader is not None:
+        if val_loader is not None and args.segment_labels:
+            rep_ = rated_segment_map(model, val_loader, device, args.segment_scorer)
+            record.update(val_segment_map=rep_.map, val_segment_classes=rep_.classes)
+            if writer is not None:
+                writer.add_scalar("val/segment_map", rep_.map, epoch)
+        elif val_loader is not None:
             val = evaluate(model, val_loader, device, args.num_classes)
             record.update({f"val_{k}": v for k, v in val.items()})
             if writer is not None:
                 for k in ("gap", "hit_at_1", "perr", "map"):
                     writer.add_scalar(f"val/{k}", val[k], epoch)
-        gap = record.get("val_gap", -train_stats["loss"])
+        gap = record.get("val_segment_map" if args.segment_labels else "val_gap", -train_stats["loss"])
         is_best = gap > best_gap
         best_gap = max(best_gap, gap)
         history.append(record)
@@ -240,6 +302,8 @@ def _epoch_line(r: dict) -> str:
     if "val_gap" in r:
         line += (f" | val GAP {r['val_gap']:.4f} Hit@1 {r['val_hit_at_1']:.4f} PERR {r['val_perr']:.4f} "
                  f"mAP {r['val_map']:.4f}")
+    if "val_segment_map" in r:
+        line += f" | val segment MAP {r['val_segment_map']:.4f} ({r['val_segment_classes']} classes)"
     return line
 
 

@@ -39,6 +39,11 @@ class VideoClassifier(nn.Module):
     def forward_head(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.head(feats, mask)
 
+    def attention(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's attention over backbone steps, (B, K, T'), with the (B, T') step mask (for plots)."""
+        feats, mask = self.forward_features(x, mask)
+        return self.head.attention(feats, mask), mask
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         feats, mask = self.forward_features(x, mask)
@@ -74,9 +79,17 @@ def build_video_model(head: str, backbone: str, in_dim: int, num_classes: int,
     return VideoClassifier(trunk, classifier)
 
 
+def backbone_width_kw(backbone: str, width: int) -> dict[str, Any]:
+    """Constructor arguments that set a backbone's channel width (every SNet stage, both FC layers)."""
+    if backbone == "snet":
+        return {"channels": (width,) * 4}
+    return {"hidden": width}
+
+
 def build_model(args: Any, label_embeddings: torch.Tensor | None = None) -> VideoClassifier:
     """``build_video_model`` from a namespace or dict with ``head``, ``backbone``, ``feature_dim``, ``num_classes``
-    (the keys ``model.train_video`` stores in its checkpoints)."""
+    and optionally ``width`` (the keys ``model.train_video`` stores in its checkpoints)."""
     a = args if isinstance(args, Mapping) else vars(args)
+    kw = backbone_width_kw(a["backbone"], a["width"]) if a.get("width") else None
     return build_video_model(a["head"], a["backbone"], in_dim=a["feature_dim"], num_classes=a["num_classes"],
-                             label_embeddings=label_embeddings)
+                             label_embeddings=label_embeddings, backbone_kw=kw)

@@ -16,6 +16,15 @@ HEADS = ["mean", "self-attn", "cma"]
 BACKBONES = ["snet", "fc"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: on a shared 2-core machine two OpenMP threads spin against each other and run far slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small_model(head: str, backbone: str, seed: int = 0, **head_kw) -> VideoClassifier:
     torch.manual_seed(seed)
     bkw = {"channels": (8, 8, 8, 8)} if backbone == "snet" else {"hidden": 8}
@@ -106,6 +115,8 @@ def test_every_parameter_gets_a_gradient(head, backbone, fused):
     x, mask = padded_batch([30, 9, 1, 16], 30)
     logits = model(x, mask)
     assert logits.shape == (4, K) and torch.isfinite(logits).all()
+    attn, amask = model.attention(x, mask)
+    assert attn.shape == (4, K, amask.shape[1]) and (attn.permute(0, 2, 1)[~amask] == 0).all()
     # random weights: a plain sum of BN outputs has zero gradient wrt the layers before the BN
     (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
     for name, p in model.named_parameters():

@@ -21,7 +21,7 @@ from pipeline.records import VideoRecord, encode_sequence_example
 from pipeline.tfrecord import frame_record
 from pipeline.whitening import MomentAccumulator, WhiteningSet
 
-REAL_DATA = Path("/work/shared/data/yt8m_real")
+from conftest import REAL_DATA
 ONE_WORKER = ["--direct_num_workers", "1"]
 TWO_WORKERS = ["--direct_num_workers", "2"]
 
@@ -256,7 +256,7 @@ def test_every_bad_input_kind_is_dead_lettered_and_counted(tmp_path):
 
 
 # -- the real 2018 video-level shards --------------------------------------------------------------------------
-@pytest.mark.skipif(not REAL_DATA.exists(), reason="real YouTube-8M samples not present")
+
 def test_real_video_level_shards_have_no_dead_letter(tmp_path):
     import tensorflow as tf
 
@@ -342,6 +342,17 @@ def test_default_runner_is_local_fnapi_and_dataflow_passes_through():
     dataflow = job_options.make_pipeline_options(["--runner=DataflowRunner", "--project=p", "--region=r"])
     assert job_options.make_runner(dataflow) is None
     assert dataflow.get_all_options()["setup_file"] == str(job_options.REPO_ROOT / "setup.py")
+
+
+def test_worker_environment_is_set_for_local_runs_and_restored(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own choice is kept
+    with job_options.worker_environment(job_options.make_pipeline_options([])):
+        assert os.environ["OPENBLAS_NUM_THREADS"] == "1" and os.environ["OMP_NUM_THREADS"] == "3"
+        assert str(job_options.REPO_ROOT) in os.environ["PYTHONPATH"].split(os.pathsep)
+    assert "OPENBLAS_NUM_THREADS" not in os.environ and os.environ["OMP_NUM_THREADS"] == "3"
+    with job_options.worker_environment(job_options.make_pipeline_options(["--runner=DataflowRunner"])):
+        assert "OPENBLAS_NUM_THREADS" not in os.environ
 
 
 def test_entry_point_errors_are_one_line(raw, tmp_path, capsys):

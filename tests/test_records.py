@@ -126,7 +126,7 @@ def test_frame_level_decode_equals_tensorflow_parse(synthetic_frame_dir):
     assert n == 24
 
 
-@pytest.mark.skipif(not REAL_DATA.exists(), reason="real YouTube-8M samples not present")
+
 @pytest.mark.parametrize("name,count", [("validate0067.tfrecord", 243), ("validate0076.tfrecord", 251)])
 def test_real_video_level_shards_decode_like_tensorflow(name, count):
     spec = {"id": tf.io.FixedLenFeature([], tf.string), "labels": tf.io.VarLenFeature(tf.int64),

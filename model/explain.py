@@ -1,0 +1,319 @@
+"""Where a trained model looks: the paper's Fig. 5 (per-frame attention of a video's top classes over time).
+
+    python -m model.explain --checkpoint runs/cma/best.pt --data DATA/validate --id VIDEO_ID --out plot.png
+        [--top-classes 3] [--class-names vocabulary.csv]
+
+One panel per class among the video's ``--top-classes`` most probable ones: the class's attention on every frame,
+its rated segments when the shards carry ratings (shaded: rated positive, hatched: rated negative), and the
+ground-truth labels in the title (a class that is one is starred). ``OUT.json`` beside the plot holds the resolved
+flags and the plotted numbers.
+
+Attention over frames. The head attends over the backbone's output steps (B, K, T'); SNet's step j covers frames
+[j * s, (j + 1) * s) with s = 2^stages (``model.segments.time_stride``). A step's weight is spread evenly over the
+valid frames it covers, so every class's per-frame attention sums to 1 over the video's frames, like the step
+attention over the steps, and padding gets none.
+
+The plotting functions do not assume video: ``plot_attention_1d`` draws any (K, M) attention over a 1-D axis,
+``plot_attention_2d`` an (h, w) attention map over an image array (the image branch).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from model.segments import SEGMENT_FRAMES, time_stride
+from pipeline import shards
+from pipeline.errors import Yt8mError
+
+POSITIVE_COLOR = "tab:green"
+NEGATIVE_COLOR = "tab:red"
+
+
+class ExplainError(Yt8mError):
+    """The video, class-name file or model cannot be used for an attention plot."""
+
+
+class VideoNotFound(ExplainError):
+    """No video with the requested id in the searched shards."""
+
+
+# -- attention over frames -------------------------------------------------------------------------------------
+def frame_attention(attn: torch.Tensor, num_frames: torch.Tensor, T: int, stride: int) -> torch.Tensor:
+    """Spread step attention over the frames each step covers.
+
+    Args:
+        attn: (B, K, T') attention over backbone output steps (zero at padded steps).
+        num_frames: (B,) valid frames per video (a prefix of the T frames).
+        T: frames of the padded input.
+        stride: frames per output step (step j covers frames [j * stride, (j + 1) * stride)).
+    Returns:
+        (B, K, T): frame t of a valid step j gets attn[j] / (valid frames of step j); padded frames get 0.
+    """
+    B, K, T_out = attn.shape
+    if -(-T // stride) != T_out:
+        raise ExplainError(f"{T_out} attention steps do not cover {T} frames at {stride} frames per step")
+    t = torch.arange(T, device=attn.device)
+    valid = (t.unsqueeze(0) < num_frames.to(attn.device).unsqueeze(1)).to(attn.dtype)  # (B, T)
+    step = t // stride  # (T,)
+    frames_per_step = torch.zeros(B, T_out, dtype=attn.dtype, device=attn.device)
+    frames_per_step.index_add_(1, step, valid)  # (B, T')
+    share = valid / frames_per_step[:, step].clamp_min(1.0)  # (B, T)
+    return attn[:, :, step] * share.unsqueeze(1)  # (B, K, T)
+
+
+@dataclass
+class VideoExplanation:
+    """What ``explain_video`` computed for one video.
+
+    probabilities: (K,) sigmoid scores of every class.
+    classes: (n,) the plotted class ids, most probable first.
+    attention: (n, T) per-frame attention of those classes (each row sums to 1).
+    stride: frames per backbone output step.
+    """
+    probabilities: np.ndarray
+    classes: np.ndarray
+    attention: np.ndarray
+    stride: int
+
+
+@torch.no_grad()
+def explain_video(model: torch.nn.Module, frames: np.ndarray | torch.Tensor, top_classes: int = 3
+                  ) -> VideoExplanation:
+    """Probabilities and per-frame attention of the ``top_classes`` most probable classes of one video.
+
+    Args:
+        model: a ``VideoClassifier`` in eval mode whose head has ``attention(feats, mask) -> (B, K, T')``.
+        frames: (T, D) features of the video (T >= 1).
+        top_classes: classes to keep.
+    """
+    head = getattr(model, "head", None)
+    if head is None or not hasattr(head, "attention"):
+        raise ExplainError(f"{type(head).__name__} has no attention to plot")
+    device = next(model.parameters()).device
+    x = torch.as_tensor(np.asarray(frames), dtype=torch.float32, device=device).unsqueeze(0)  # (1, T, D)
+    B, T, D = x.shape
+    if T == 0:
+        raise ExplainError("a video without frames has no attention to plot")
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    feats, fmask = model.forward_features(x, mask)  # (1, T', C), (1, T')
+    probs = torch.sigmoid(model.forward_head(feats, fmask).float())[0]  # (K,)
+    attn = head.attention(feats, fmask).float()  # (1, K, T')
+    stride = time_stride(model.backbone)
+    per_frame = frame_attention(attn, mask.sum(dim=1), T, stride)[0]  # (K, T)
+    k = max(1, min(int(top_classes), probs.numel()))
+    top = torch.topk(probs, k).indices  # (k,)
+    return VideoExplanation(probs.cpu().numpy(), top.cpu().numpy(), per_frame[top].cpu().numpy(), stride)
+
+
+# -- inputs ----------------------------------------------------------------------------------------------------
+def find_video(data: str, video_id: str, features: Sequence[str] = ("rgb",)) -> shards.Video:
+    """The video ``video_id`` of the shards at ``data`` (anything ``list_shards`` takes). Only the id column is
+    scanned until the video's shard is found; raises ``VideoNotFound`` saying how many videos were searched."""
+    paths = shards.list_shards(data)
+    searched = 0
+    for path in paths:
+        ids = [i for batch in shards.iter_batches(path, columns=["id"]) for i in batch.column("id").to_pylist()]
+        if video_id in ids:
+            for video in shards.iter_videos(path, features=features):
+                if video.id == video_id:
+                    return video
+        searched += len(ids)
+    raise VideoNotFound(f"no video {video_id!r} among the {searched} videos of {len(paths)} shard(s) at {data}")
+
+
+def read_class_names(path: str | Path) -> dict[int, str]:
+    """Class id -> name from YouTube-8M's ``vocabulary.csv`` (header with ``Index`` and ``Name``), from
+    ``id,name`` lines, or from one name per line (line i, from 0, names class i)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except OSError as e:
+        raise ExplainError(f"cannot read class names {path}: {e.strerror or e}") from None
+    if not rows:
+        raise ExplainError(f"{path} holds no class name")
+    header = [c.strip() for c in rows[0]]
+    try:
+        if "Index" in header and "Name" in header:
+            i, n = header.index("Index"), header.index("Name")
+            return {int(r[i]): r[n].strip() for r in rows[1:]}
+        if all(len(r) >= 2 for r in rows):
+            return {int(r[0]): r[1].strip() for r in rows}
+    except (ValueError, IndexError):
+        raise ExplainError(f"{path}: expected vocabulary.csv (Index, Name columns), 'id,name' lines or one name "
+                           f"per line") from None
+    return {i: r[0].strip() for i, r in enumerate(rows)}
+
+
+def class_label(cls: int, names: Mapping[int, str] | None) -> str:
+    name = (names or {}).get(int(cls))
+    return f"{cls} {name}" if name else f"class {cls}"
+
+
+# -- plotting (no video assumptions) ---------------------------------------------------------------------------
+def plot_attention_1d(axes, attention: np.ndarray, labels: Sequence[str], positions: np.ndarray | None = None,
+                      xlabel: str = "position", colors: Sequence[str] | None = None) -> None:
+    """Draw a (K, M) attention over a 1-D axis: on one Axes (K overlaid curves with a legend) or on a sequence
+    of K Axes (one curve each). ``positions`` (M,) are the x values (default 0..M-1); each value is drawn as a
+    step over [x, x + 1), since it is the weight of that whole unit (a frame, a token)."""
+    attention = np.asarray(attention, dtype=np.float64)
+    if attention.ndim != 2 or len(labels) != attention.shape[0]:
+        raise ExplainError(f"attention must be (K, M) with K labels, got {attention.shape} and {len(labels)}")
+    K, M = attention.shape
+    x = np.arange(M) if positions is None else np.asarray(positions)
+    edges = np.append(x, x[-1] + 1 if M else 0)
+    colors = list(colors) if colors is not None else [f"C{k % 10}" for k in range(K)]
+    many = isinstance(axes, (list, tuple, np.ndarray))
+    if many and len(axes) != K:
+        raise ExplainError(f"{len(axes)} axes for {K} attention rows")
+    for k in range(K):
+        ax = axes[k] if many else axes
+        ax.stairs(attention[k], edges, baseline=None, color=colors[k], linewidth=1.6, label=labels[k])
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("attention")
+        if many:
+            ax.set_title(labels[k], fontsize=9, loc="left")
+    for ax in (axes if many else [axes]):
+        ax.grid(alpha=0.3)
+        ax.set_xlim(edges[0], edges[-1])
+    (axes[-1] if many else axes).set_xlabel(xlabel)
+    if not many:
+        axes.legend(fontsize=8, loc="upper right")
+
+
+def mark_spans(ax, spans: Sequence[tuple[float, float]], positive: bool) -> None:
+    """Shade ``(start, end)`` spans of an Axes: filled for positive, hatched for negative ratings."""
+    for start, end in spans:
+        if positive:
+            ax.axvspan(start, end, color=POSITIVE_COLOR, alpha=0.18, linewidth=0)
+        else:
+            ax.axvspan(start, end, facecolor="none", edgecolor=NEGATIVE_COLOR, hatch="///", alpha=0.6, linewidth=0)
+
+
+def resize_nearest(attention: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(h, w) map -> (height, width) by nearest-neighbour lookup: pixel (i, j) takes cell
+    (floor(i * h / height), floor(j * w / width)), so each cell covers an equal block when the sizes divide."""
+    attention = np.asarray(attention)
+    if attention.ndim != 2:
+        raise ExplainError(f"an image attention map must be (h, w), got {attention.shape}")
+    h, w = attention.shape
+    rows = np.arange(height) * h // height
+    cols = np.arange(width) * w // width
+    return attention[rows[:, None], cols[None, :]]
+
+
+def plot_attention_2d(ax, image: np.ndarray, attention: np.ndarray, alpha: float = 0.5, cmap: str = "jet",
+                      title: str | None = None) -> np.ndarray:
+    """Overlay an (h, w) attention map (e.g. one class of a head's (K, H' * W') attention, reshaped) on an image
+    array (H, W) or (H, W, 3|4). Returns the (H, W) map as drawn (resized, scaled to [0, 1] by its maximum)."""
+    image = np.asarray(image)
+    if image.ndim not in (2, 3):
+        raise ExplainError(f"an image must be (H, W) or (H, W, C), got {image.shape}")
+    H, W = image.shape[:2]
+    resized = resize_nearest(attention, H, W).astype(np.float64)
+    peak = resized.max()
+    scaled = resized / peak if peak > 0 else resized
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+    ax.imshow(scaled, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    return scaled
+
+
+# -- the video figure ------------------------------------------------------------------------------------------
+def rated_spans(video: shards.Video, cls: int, num_frames: int) -> tuple[list, list]:
+    """(positive, negative) ``(start, end)`` frame spans of the rated segments of class ``cls``, cut to
+    ``num_frames`` (segments starting past the end are left out)."""
+    pos: list[tuple[int, int]] = []
+    neg: list[tuple[int, int]] = []
+    if video.segment_start_times is None:
+        return pos, neg
+    for start, label, score in zip(video.segment_start_times.tolist(), video.segment_labels.tolist(),
+                                   video.segment_scores.tolist()):
+        if label == cls and 0 <= start < num_frames:
+            (pos if score >= 0.5 else neg).append((start, min(start + SEGMENT_FRAMES, num_frames)))
+    return pos, neg
+
+
+def plot_video_explanation(expl: VideoExplanation, video: shards.Video, out: str | Path,
+                           names: Mapping[int, str] | None = None, dpi: int = 120) -> Path:
+    """Write the Fig. 5 style PNG: one panel per plotted class, rated segments marked, labels in the title."""
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+    from matplotlib.patches import Patch
+
+    n, T = expl.attention.shape
+    truth = set(np.asarray(video.labels if video.labels is not None else [], np.int64).tolist())
+    labels = [f"{'* ' if int(c) in truth else ''}{class_label(int(c), names)}  (p = {expl.probabilities[c]:.3f})"
+              for c in expl.classes]
+    fig = Figure(figsize=(10, 1.0 + 1.9 * n), layout="constrained")
+    axes = list(fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0])
+    plot_attention_1d(axes, expl.attention, labels, xlabel="time (s; one frame per second)")
+    rated = False
+    for ax, cls in zip(axes, expl.classes):
+        pos, neg = rated_spans(video, int(cls), T)
+        mark_spans(ax, pos, positive=True)
+        mark_spans(ax, neg, positive=False)
+        ax.axhline(1.0 / T, color="gray", linestyle=":", linewidth=1)  # uniform attention
+        rated |= bool(pos or neg)
+    truth_text = ", ".join(class_label(c, names) for c in sorted(truth)) or "none"
+    fig.suptitle(f"video {video.id}: per-frame attention of its top {n} classes ({T} frames, "
+                 f"{expl.stride} frame(s) per attention step)\nground truth (*): {truth_text}", fontsize=10)
+    handles = [Patch(facecolor="none", edgecolor="gray", linestyle=":", label="uniform attention 1/T")]
+    if rated:
+        handles += [Patch(color=POSITIVE_COLOR, alpha=0.3, label="rated positive segment"),
+                    Patch(facecolor="none", edgecolor=NEGATIVE_COLOR, hatch="///", label="rated negative segment")]
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=len(handles))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+# -- entry point -----------------------------------------------------------------------------------------------
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a model.train_video run")
+    p.add_argument("--data", required=True, help="shards holding the video: a preprocess output dir, glob, gs://")
+    p.add_argument("--id", required=True, help="the video's id")
+    p.add_argument("--out", required=True, help="PNG to write (OUT.json beside it gets the numbers)")
+    p.add_argument("--top-classes", type=int, default=3, help="most probable classes to plot")
+    p.add_argument("--class-names", default=None, metavar="FILE",
+                   help="vocabulary.csv (Index, Name columns), 'id,name' lines or one name per line")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(args) -> dict:
+    from model.device import resolve_device
+    from model.evaluate import load_model
+
+    if args.top_classes < 1:
+        raise ExplainError(f"--top-classes must be >= 1, got {args.top_classes}")
+    names = read_class_names(args.class_names) if args.class_names else None
+    device = resolve_device(args.device)
+    model, train_args = load_model(args.checkpoint, device)
+    features = tuple(train_args["features"].split(","))
+    video = find_video(args.data, args.id, features)
+    frames = np.concatenate([video.features[f] for f in features], axis=1)[:int(train_args["max_frames"])]
+    expl = explain_video(model, frames, args.top_classes)
+    out = plot_video_explanation(expl, video, args.out, names)
+    record = {"args": vars(args), "resolved_device": str(device), "video": video.id, "frames": int(len(frames)),
+              "labels": [] if video.labels is None else video.labels.tolist(), "stride": expl.stride,
+              "classes": expl.classes.tolist(),
+              "probabilities": [float(expl.probabilities[c]) for c in expl.classes],
+              "attention": expl.attention.round(6).tolist()}
+    out.with_name(out.name + ".json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out} ({video.id}: top classes {', '.join(class_label(int(c), names) for c in expl.classes)})")
+    return record
+
+
+if __name__ == "__main__":
+    from model.cli import run_cli
+    run_cli(main, get_args_parser())

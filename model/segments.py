@@ -1,0 +1,503 @@
+"""Segment-level scoring (2019 YouTube-8M segment challenge): 5-second windows, two scorers, bounded top lists.
+
+Windows. A segment is the 5 frames starting at a multiple of 5 s. Like the official inference, a video of T frames
+is cut into S = ceil(T / 5) consecutive windows from frame 0; the last one may be partial (T = 12 -> starts 0, 5,
+10, the last holding frames 10-11) and is scored on the frames it has. A 1-frame video has one window, start 0.
+
+Scorers (``SCORERS``; which one is the default is measured by ``bench/segments.py``):
+
+* ``frames``: the model applied to each window's own frames, as if the window were a whole video (B * S windows,
+  batched, the partial last window masked). SNet turns a 5-frame window into one output step (ceil pooling).
+  The natural scorer of a model fine-tuned on rated segments (``model.train_video --segment-labels``).
+* ``context``: the video-level model runs once per video; a segment inherits the video probability p_k of a
+  class, weighted by where the class attends. With a_k (T',) the class-k attention over the backbone's output
+  steps, the mass of segment s is M_k(s) = sum_j a_k(j) |step j ∩ seg s| / |step j| (a step's weight is spread
+  evenly over the valid frames it covers), and its attention density relative to uniform is
+  r_k(s) = M_k(s) / (n_s / T), n_s the segment's valid frames. The score is
+
+      score_k(s) = p_k * r_k(s) / max_s' r_k(s')        in [0, p_k]
+
+  so the segment where class k attends most keeps the video probability and the others are scaled down in
+  proportion to their attention density. Output step j of SNet covers frames [j * 2^4, (j + 1) * 2^4) (4 ceil
+  max-pool stages of stride 2; the stride is read from the backbone, ``time_stride``); a segment inside one
+  step gets that step's density, so the context scorer localizes to 16 frames with SNet and to single frames
+  with the FC backbone. Heads without class-specific attention (``MeanPoolHead``), or attention that is zero
+  for every step, give every segment the video probability (r = const).
+
+Public API (also used by ``beam_jobs.tag_segments`` and ``model.explain``):
+
+    segment_starts(num_frames) -> int64 (S,)                       # 0, 5, ..., < num_frames
+    segment_frame_counts(num_frames) -> int64 (S,)                 # 5, ..., 5 or the partial rest
+    time_stride(backbone) -> int                                   # frames per backbone output step
+    score_segments(model, x (B, T, D), mask (B, T), scorer) -> SegmentScores
+        # .scores (B, S, K) float32 probabilities, .valid (B, S) bool, .start_times (S,) int64 (same for all rows)
+    score_video_segments(model, x (T, D) | (B, T, D), mask=None, scorer=DEFAULT_SCORER, top_k=20, classes=None)
+        -> [(start_time, class, score), ...] ranked by segment then score (a list of such lists for a batch)
+    TopSegmentsPerClass(classes, max_per_class).add(video_ids, start_times, scores (N, C)); .ranked() -> {class: [(vid, start)]}
+    segment_training_examples(batch, num_classes) -> SegmentExamples (5-frame windows of rated segments + targets + ignore mask)
+    rated_segment_map(model, loader, device, scorer) -> SegmentMapReport  # MAP over the rated segments of a loader
+
+``score_video_segments`` is a pure function of (model, frames): it does not touch the model's mode, so call
+``model.eval()`` first (batch-norm statistics), and it runs under ``torch.no_grad``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from model.heads import MeanPoolHead
+from model.metrics import SegmentMapReport, SegmentRatings, as_str_id, segment_map_report
+from pipeline.errors import Yt8mError
+
+SEGMENT_FRAMES = 5
+SCORERS = ("context", "frames")
+DEFAULT_SCORER = "frames"  # measured: bench/segments.py (see docs/design.md)
+
+
+class SegmentError(Yt8mError, ValueError):
+    """A scorer that does not exist, a model it cannot apply to, or segment inputs of the wrong shape."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# window arithmetic
+
+
+def num_segments(num_frames: int) -> int:
+    """S = ceil(T / 5): the windows of a T-frame video (0 for T = 0)."""
+    return -(-int(num_frames) // SEGMENT_FRAMES)
+
+
+def segment_starts(num_frames: int) -> np.ndarray:
+    """Start times (seconds = frame index) of the consecutive windows from frame 0: (S,) int64."""
+    return np.arange(num_segments(num_frames), dtype=np.int64) * SEGMENT_FRAMES
+
+
+def segment_frame_counts(num_frames: int) -> np.ndarray:
+    """Frames each window holds: 5, except a partial last window: (S,) int64."""
+    starts = segment_starts(num_frames)
+    return np.minimum(starts + SEGMENT_FRAMES, int(num_frames)) - starts
+
+
+def time_stride(backbone: nn.Module) -> int:
+    """Frames covered by one backbone output step: the product of the pooling strides of its stages (SNet:
+    2^4 = 16), 1 for a backbone that keeps the time axis (FC). Valid for non-overlapping ceil-mode pooling,
+    where output step j covers input frames [j * stride, (j + 1) * stride)."""
+    stages = getattr(backbone, "stages", None)
+    if stages is None:
+        return 1
+    return int(math.prod(int(getattr(stage, "pool", 1)) for stage in stages))
+
+
+def step_segment_weights(num_frames: torch.Tensor, T: int, T_out: int, stride: int) -> torch.Tensor:
+    """W (B, T', S): the share of output step j's valid frames that fall in segment s.
+
+    Rows of a valid step sum to 1; a step without valid frames is all zero. Contracting the step attention
+    (B, K, T') with W gives each segment's attention mass (B, K, S).
+    """
+    B = num_frames.shape[0]
+    device = num_frames.device
+    S = num_segments(T)
+    t = torch.arange(T, device=device)
+    valid = (t.unsqueeze(0) < num_frames.unsqueeze(1)).float()  # (B, T)
+    step_of = torch.nn.functional.one_hot(t // stride, T_out).float()  # (T, T')
+    seg_of = torch.nn.functional.one_hot(t // SEGMENT_FRAMES, S).float()  # (T, S)
+    counts = torch.einsum("bt,tj,ts->bjs", valid, step_of, seg_of)  # (B, T', S)
+    return counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scorers
+
+
+@dataclass
+class SegmentScores:
+    """Scores of every window of a batch.
+
+    scores: (B, S, K) float32 probabilities (zero at invalid windows), on the model's device.
+    valid: (B, S) bool, True for windows that hold at least one frame.
+    start_times: (S,) int64, the start of window s in every row.
+    """
+
+    scores: torch.Tensor
+    valid: torch.Tensor
+    start_times: np.ndarray
+
+
+def _check_inputs(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.ndim != 3:
+        raise SegmentError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
+    B, T, D = x.shape
+    if mask is None:
+        mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+    if mask.shape != (B, T):
+        raise SegmentError(f"mask must be ({B}, {T}), got {tuple(mask.shape)}")
+    mask = mask.to(device=x.device, dtype=torch.bool)
+    lengths = mask.sum(dim=1)
+    # windows are cut from frame 0, so the valid frames must be a prefix (the loader's padding is)
+    prefix = torch.arange(T, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
+    if not torch.equal(prefix, mask):
+        raise SegmentError("mask must mark a prefix of frames (real frames first, padding after)")
+    if bool((lengths == 0).any()):
+        raise SegmentError("a video without frames has no segment to score")
+    return x, mask
+
+
+@torch.no_grad()
+def score_frames(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, window_batch: int = 4096) -> SegmentScores:
+    """``frames`` scorer: each window through the model on its own frames."""
+    x, mask = _check_inputs(x, mask)
+    B, T, D = x.shape
+    S = num_segments(T)
+    pad = S * SEGMENT_FRAMES - T
+    xw = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(B * S, SEGMENT_FRAMES, D)  # (B*S, 5, D)
+    mw = torch.nn.functional.pad(mask, (0, pad)).reshape(B * S, SEGMENT_FRAMES)  # (B*S, 5)
+    valid = mw.any(dim=1)  # (B*S,)
+    rows = torch.nonzero(valid).squeeze(1)
+    out: torch.Tensor | None = None
+    for i in range(0, rows.numel(), window_batch):
+        r = rows[i:i + window_batch]
+        p = torch.sigmoid(model(xw[r], mw[r]).float())  # (n, K)
+        if out is None:
+            out = torch.zeros(B * S, p.shape[1], device=x.device)
+        out[r] = p
+    assert out is not None  # every video has a frame (_check_inputs)
+    return SegmentScores(out.reshape(B, S, -1), valid.reshape(B, S), segment_starts(T))  # (B, S, K)
+
+
+@torch.no_grad()
+def score_context(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> SegmentScores:
+    """``context`` scorer (module docstring): video probability x relative attention density, max-normalized."""
+    x, mask = _check_inputs(x, mask)
+    B, T, D = x.shape
+    feats, fmask = model.forward_features(x, mask)  # (B, T', C), (B, T')
+    p = torch.sigmoid(model.forward_head(feats, fmask).float())  # (B, K)
+    K = p.shape[1]
+    S = num_segments(T)
+    lengths = mask.sum(dim=1)  # (B,)
+    valid = torch.arange(S, device=x.device).unsqueeze(0) * SEGMENT_FRAMES < lengths.unsqueeze(1)  # (B, S)
+    head = getattr(model, "head", None)
+    if head is None or isinstance(head, MeanPoolHead) or not hasattr(head, "attention"):
+        scores = p.unsqueeze(1).expand(B, S, K) * valid.unsqueeze(-1)  # (B, S, K)
+        return SegmentScores(scores.contiguous(), valid, segment_starts(T))
+    T_out = feats.shape[1]
+    stride = time_stride(model.backbone)
+    if -(-T // stride) != T_out:
+        raise SegmentError(f"backbone maps {T} frames to {T_out} steps, not ceil(T / {stride}): cannot map its "
+                           f"output steps back to frames")
+    attn = head.attention(feats, fmask).float()  # (B, K, T')
+    W = step_segment_weights(lengths, T, T_out, stride)  # (B, T', S)
+    mass = attn @ W  # (B, K, S)
+    frames = torch.clamp(lengths.unsqueeze(1) - torch.arange(S, device=x.device) * SEGMENT_FRAMES, 0,
+                         SEGMENT_FRAMES)  # (B, S) valid frames per segment
+    share = frames.float() / lengths.unsqueeze(1).float()  # (B, S)
+    density = (mass / share.clamp_min(1e-12).unsqueeze(1)) * valid.unsqueeze(1)  # (B, K, S)
+    peak = density.amax(dim=-1, keepdim=True)  # (B, K, 1)
+    rel = torch.where(peak > 0, density / peak.clamp_min(torch.finfo(density.dtype).tiny),
+                      valid.unsqueeze(1).float())  # (B, K, S)
+    scores = (p.unsqueeze(-1) * rel).transpose(1, 2)  # (B, S, K)
+    return SegmentScores(scores.contiguous(), valid, segment_starts(T))
+
+
+def score_segments(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None,
+                   scorer: str = DEFAULT_SCORER) -> SegmentScores:
+    """Scores of every window of every video in the batch with the chosen scorer (see the module docstring)."""
+    if scorer == "frames":
+        return score_frames(model, x, mask)
+    if scorer == "context":
+        return score_context(model, x, mask)
+    raise SegmentError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+
+
+def top_classes(scores: SegmentScores, top_k: int, classes: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` best classes of every window: (values (B, S, k), class ids (B, S, k)), best first.
+    ``classes`` (C,) restricts the choice to those class ids. Ties: ``torch.topk`` order."""
+    s = scores.scores
+    ids = None
+    if classes is not None:
+        ids = classes.to(s.device)
+        s = s.index_select(-1, ids)
+    k = min(int(top_k), s.shape[-1])
+    if k < 1:
+        raise SegmentError(f"top_k must be >= 1, got {top_k}")
+    values, idx = torch.topk(s, k, dim=-1)  # (B, S, k)
+    if ids is not None:
+        idx = ids[idx]
+    return values, idx
+
+
+def score_video_segments(model: nn.Module, x: torch.Tensor | np.ndarray, mask: torch.Tensor | None = None,
+                         scorer: str = DEFAULT_SCORER, top_k: int = 20, classes: Sequence[int] | None = None
+                         ) -> list:
+    """Per video: ``[(start_time, class, score), ...]``, the ``top_k`` classes of each window, windows in time
+    order and classes best first. ``x`` (T, D) gives one list; (B, T, D) with ``mask`` (B, T) a list of lists.
+    Runs on ``x``'s device; the model must already be there and in eval mode."""
+    x = torch.as_tensor(x)
+    single = x.ndim == 2
+    if single:
+        x = x.unsqueeze(0)
+        mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
+    x = x.float()
+    cls = None if classes is None else torch.as_tensor(np.asarray(classes, np.int64))
+    with torch.no_grad():
+        scored = score_segments(model, x, mask, scorer)
+        values, idx = top_classes(scored, top_k, cls)
+    values, idx, valid = values.cpu().numpy(), idx.cpu().numpy(), scored.valid.cpu().numpy()
+    out = []
+    for b in range(values.shape[0]):
+        rows = []
+        for s in np.flatnonzero(valid[b]):
+            start = int(scored.start_times[s])
+            rows.extend((start, int(c), float(v)) for c, v in zip(idx[b, s], values[b, s]))
+        out.append(rows)
+    return out[0] if single else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bounded per-class top lists
+
+
+class TopSegmentsPerClass:
+    """The ``max_per_class`` best-scored segments of each class over a stream, in O(C * max_per_class) memory.
+
+    Every added segment carries one score per tracked class. Entries accumulate in a (C, capacity) buffer; when
+    it is full each class keeps only its ``max_per_class`` best (a stable sort, so among equal scores the
+    segment added first ranks first; the same rule as a full stable sort of the whole stream). Video ids live
+    in a table that is pruned at every compaction to the ids still referenced, so it stays bounded too.
+
+    Args:
+        classes: class ids to track (C,), e.g. the 1000 segment-rated classes.
+        max_per_class: list length per class (challenge: 100,000).
+        capacity: buffer columns before a compaction (default: 2 x max_per_class, at least 1024 more).
+    """
+
+    def __init__(self, classes: Sequence[int], max_per_class: int, capacity: int | None = None):
+        if max_per_class < 1:
+            raise SegmentError(f"max_per_class must be >= 1, got {max_per_class}")
+        self.classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+        if self.classes.size == 0:
+            raise SegmentError("no class to track")
+        if np.unique(self.classes).size != self.classes.size:
+            raise SegmentError("a class id is listed twice")
+        self.max_per_class = int(max_per_class)
+        self.capacity = int(capacity) if capacity else self.max_per_class + max(self.max_per_class, 1024)
+        if self.capacity <= self.max_per_class:
+            raise SegmentError(f"capacity {self.capacity} must exceed max_per_class {self.max_per_class}")
+        C = self.classes.size
+        self._score = np.full((C, self.capacity), -np.inf, dtype=np.float32)
+        self._vid = np.zeros((C, self.capacity), dtype=np.int32)  # index into self._ids
+        self._start = np.zeros((C, self.capacity), dtype=np.int32)
+        self._n = 0  # filled columns (the same for every class: each segment scores every class)
+        self._ids: list[str] = []
+        self._id_index: dict[str, int] = {}
+        self.segments_seen = 0
+
+    def _id_indices(self, video_ids: Sequence[Any]) -> np.ndarray:
+        out = np.empty(len(video_ids), dtype=np.int32)
+        for i, vid in enumerate(video_ids):
+            vid = as_str_id(vid)
+            j = self._id_index.get(vid)
+            if j is None:
+                j = self._id_index[vid] = len(self._ids)
+                self._ids.append(vid)
+            out[i] = j
+        return out
+
+    def add(self, video_ids: Sequence[Any], start_times: Any, scores: Any) -> None:
+        """N segments: ``video_ids`` (N,), ``start_times`` (N,), ``scores`` (N, C) in the order of ``classes``."""
+        scores = np.asarray(scores, dtype=np.float32)
+        starts = np.asarray(start_times, dtype=np.int64).reshape(-1)
+        N = len(video_ids)
+        if scores.shape != (N, self.classes.size) or starts.shape != (N,):
+            raise SegmentError(f"{N} ids, {starts.shape[0]} start times and scores {scores.shape}; expected "
+                               f"scores ({N}, {self.classes.size})")
+        if np.isnan(scores).any():
+            raise SegmentError("segment scores contain NaN")
+        self.segments_seen += N
+        done = 0
+        while done < N:
+            if self._n == self.capacity:
+                self._compact()
+            take = min(N - done, self.capacity - self._n)
+            cols = slice(self._n, self._n + take)
+            self._score[:, cols] = scores[done:done + take].T  # (C, take)
+            # ids are registered after any compaction, which prunes the table to referenced ids
+            self._vid[:, cols] = self._id_indices(video_ids[done:done + take])
+            self._start[:, cols] = starts[done:done + take]
+            self._n += take
+            done += take
+
+    def _compact(self) -> None:
+        n, m = self._n, min(self.max_per_class, self._n)
+        order = np.argsort(-self._score[:, :n], axis=1, kind="stable")[:, :m]  # (C, m)
+        for arr in (self._score, self._vid, self._start):
+            arr[:, :m] = np.take_along_axis(arr[:, :n], order, axis=1)
+        self._score[:, m:] = -np.inf
+        self._n = m
+        # prune the id table to the ids still referenced
+        used = np.unique(self._vid[:, :m])
+        remap = np.zeros(len(self._ids), dtype=np.int32)
+        remap[used] = np.arange(used.size, dtype=np.int32)
+        self._vid[:, :m] = remap[self._vid[:, :m]]
+        self._ids = [self._ids[i] for i in used.tolist()]
+        self._id_index = {vid: i for i, vid in enumerate(self._ids)}
+
+    def ranked_with_scores(self) -> dict[int, list[tuple[str, int, float]]]:
+        """{class id: [(video id, start time, score), ...]} best first, at most ``max_per_class`` each."""
+        self._compact()
+        out = {}
+        for row, cls in enumerate(self.classes.tolist()):
+            out[cls] = [(self._ids[v], int(s), float(x)) for v, s, x in
+                        zip(self._vid[row, :self._n].tolist(), self._start[row, :self._n].tolist(),
+                            self._score[row, :self._n].tolist())]
+        return out
+
+    def ranked(self) -> dict[int, list[tuple[str, int]]]:
+        """{class id: [(video id, start time), ...]} best first: the input of ``write_segment_submission``."""
+        return {c: [(v, s) for v, s, _ in rows] for c, rows in self.ranked_with_scores().items()}
+
+    @property
+    def nbytes(self) -> int:
+        return self._score.nbytes + self._vid.nbytes + self._start.nbytes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rated segments: fine-tuning examples and validation
+
+
+@dataclass
+class SegmentExamples:
+    """One training example per rated (video, segment): its window of frames and the ratings as targets.
+
+    x: (N, 5, D) frames (zero after a partial window's end), mask (N, 5), targets (N, K) 1/0 at rated classes,
+    ignore (N, K) True at unrated classes (the loss must skip them), ids / start_times (N,), and
+    ``dropped``: ratings whose start time lies at or past the video's last frame (counted, not trained on).
+    """
+
+    x: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor
+    ignore: torch.Tensor
+    ids: list
+    start_times: list
+    dropped: int = 0
+
+
+def segment_training_examples(batch: Mapping[str, Any], num_classes: int) -> SegmentExamples:
+    """Rated segments of a ``model.data`` batch (``segment_labels=True``) as 5-frame examples."""
+    x, mask = batch["x"], batch["mask"]
+    B, T, D = x.shape
+    lengths = mask.sum(dim=1).tolist()
+    windows: dict[tuple[int, int], dict[int, float]] = {}
+    dropped = 0
+    for b in range(B):
+        starts = np.asarray(batch["segment_start_times"][b]).reshape(-1)
+        labels = np.asarray(batch["segment_labels"][b]).reshape(-1)
+        rates = np.asarray(batch["segment_scores"][b]).reshape(-1)
+        for start, cls, rate in zip(starts.tolist(), labels.tolist(), rates.tolist()):
+            if start >= lengths[b] or start < 0:
+                dropped += 1
+                continue
+            if not 0 <= cls < num_classes:
+                raise SegmentError(f"video {batch['ids'][b]!r}: segment label {cls} outside [0, {num_classes})")
+            windows.setdefault((b, int(start)), {})[int(cls)] = float(rate)
+    N = len(windows)
+    xs = torch.zeros(N, SEGMENT_FRAMES, D, dtype=x.dtype, device=x.device)
+    ms = torch.zeros(N, SEGMENT_FRAMES, dtype=torch.bool, device=x.device)
+    targets = torch.zeros(N, num_classes)
+    ignore = torch.ones(N, num_classes, dtype=torch.bool)
+    ids, starts_out = [], []
+    for n, ((b, start), rated) in enumerate(windows.items()):
+        end = min(start + SEGMENT_FRAMES, int(lengths[b]))
+        xs[n, :end - start] = x[b, start:end]
+        ms[n, :end - start] = True
+        cls = torch.tensor(list(rated), dtype=torch.long)
+        targets[n, cls] = torch.tensor(list(rated.values()))
+        ignore[n, cls] = False
+        ids.append(batch["ids"][b])
+        starts_out.append(start)
+    return SegmentExamples(xs, ms, targets.to(x.device), ignore.to(x.device), ids, starts_out, dropped)
+
+
+@torch.no_grad()
+def rated_segment_scores(model: nn.Module, loader: Iterable[Mapping[str, Any]], device: torch.device,
+                         scorer: str = DEFAULT_SCORER) -> tuple[SegmentRatings, dict[int, list], int]:
+    """Scores of the rated (segment, class) pairs of every video the loader yields.
+
+    Returns (ratings, {class: [(score, video id, start)]}, dropped ratings). Ranking only the rated segments
+    gives the same segment MAP as ranking every window: unrated predictions are dropped by the metric anyway.
+    """
+    ratings = SegmentRatings()
+    scored: dict[int, list] = {}
+    dropped = 0
+    for batch in loader:
+        x = batch["x"].to(device)
+        mask = batch["mask"].to(device)
+        result = score_segments(model, x, mask, scorer)
+        scores = result.scores.cpu().numpy()  # (B, S, K)
+        lengths = batch["mask"].sum(dim=1).tolist()
+        for b, vid in enumerate(batch["ids"]):
+            starts = np.asarray(batch["segment_start_times"][b]).reshape(-1)
+            labels = np.asarray(batch["segment_labels"][b]).reshape(-1)
+            rates = np.asarray(batch["segment_scores"][b]).reshape(-1)
+            for start, cls, rate in zip(starts.tolist(), labels.tolist(), rates.tolist()):
+                if start < 0 or start >= lengths[b] or start % SEGMENT_FRAMES:
+                    dropped += 1
+                    continue
+                before = ratings.num_ratings
+                ratings.add(vid, start, cls, rate)
+                if ratings.num_ratings > before:
+                    value = float(scores[b, start // SEGMENT_FRAMES, cls]) if cls < scores.shape[2] else -math.inf
+                    scored.setdefault(int(cls), []).append((value, as_str_id(vid), int(start)))
+    return ratings, scored, dropped
+
+
+def rated_segment_map(model: nn.Module, loader: Iterable[Mapping[str, Any]], device: torch.device,
+                      scorer: str = DEFAULT_SCORER, k: int = 100_000) -> SegmentMapReport:
+    """Segment MAP@k over the rated segments of ``loader`` (``segment_labels=True``), every rated class
+    submitted; ties in score keep loader order. ``report.dropped`` counts ratings past a video's end."""
+    was_training = model.training
+    model.eval()
+    try:
+        ratings, scored, dropped = rated_segment_scores(model, loader, device, scorer)
+    finally:
+        model.train(was_training)
+    submission = {}
+    for cls, rows in scored.items():
+        order = sorted(range(len(rows)), key=lambda i: -rows[i][0])  # stable: loader order within ties
+        submission[cls] = [(rows[i][1], rows[i][2]) for i in order]
+    report = segment_map_report(submission, ratings, k)
+    report.dropped = dropped  # type: ignore[attr-defined]
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# class lists
+
+
+def read_class_ids(path: str) -> np.ndarray:
+    """Class ids of a ``segment_label_ids.csv``-style file: an optional ``Index`` header, one id per line.
+    Blank lines are skipped; anything else that is not a non-negative integer, or a repeated id, raises."""
+    ids: list[int] = []
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            text = line.strip().split(",")[0].strip()
+            if not text or (number == 1 and text.lower() == "index"):
+                continue
+            try:
+                value = int(text)
+            except ValueError:
+                raise SegmentError(f"{path}:{number}: class id {text!r} is not an integer") from None
+            if value < 0:
+                raise SegmentError(f"{path}:{number}: class id {value} is negative")
+            ids.append(value)
+    if not ids:
+        raise SegmentError(f"{path} lists no class id")
+    if len(set(ids)) != len(ids):
+        raise SegmentError(f"{path} lists a class id twice")
+    return np.asarray(ids, dtype=np.int64)
