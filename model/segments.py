@@ -289,9 +289,11 @@ class TopSegmentsPerClass:
         if self.capacity <= self.max_per_class:
             raise SegmentError(f"capacity {self.capacity} must exceed max_per_class {self.max_per_class}")
         C = self.classes.size
-        self._score = np.full((C, self.capacity), -np.inf, dtype=np.float32)
-        self._vid = np.zeros((C, self.capacity), dtype=np.int32)  # index into self._ids
-        self._start = np.zeros((C, self.capacity), dtype=np.int32)
+        # Buffers start small and double up to ``capacity``: a small corpus never pays for 1000 x 200,000 columns.
+        width = min(self.capacity, 4096)
+        self._score = np.full((C, width), -np.inf, dtype=np.float32)
+        self._vid = np.zeros((C, width), dtype=np.int32)  # index into self._ids
+        self._start = np.zeros((C, width), dtype=np.int32)
         self._n = 0  # filled columns (the same for every class: each segment scores every class)
         self._ids: list[str] = []
         self._id_index: dict[str, int] = {}
@@ -321,9 +323,14 @@ class TopSegmentsPerClass:
         self.segments_seen += N
         done = 0
         while done < N:
-            if self._n == self.capacity:
-                self._compact()
-            take = min(N - done, self.capacity - self._n)
+            width = self._score.shape[1]
+            if self._n == width:
+                if width < self.capacity:
+                    self._grow(min(2 * width, self.capacity))
+                else:
+                    self._compact()
+                width = self._score.shape[1]
+            take = min(N - done, width - self._n)
             cols = slice(self._n, self._n + take)
             self._score[:, cols] = scores[done:done + take].T  # (C, take)
             # ids are registered after any compaction, which prunes the table to referenced ids
@@ -331,6 +338,13 @@ class TopSegmentsPerClass:
             self._start[:, cols] = starts[done:done + take]
             self._n += take
             done += take
+
+    def _grow(self, width: int) -> None:
+        C, n = self._score.shape[0], self._n
+        score = np.full((C, width), -np.inf, dtype=np.float32)
+        vid, start = np.zeros((C, width), dtype=np.int32), np.zeros((C, width), dtype=np.int32)
+        score[:, :n], vid[:, :n], start[:, :n] = self._score[:, :n], self._vid[:, :n], self._start[:, :n]
+        self._score, self._vid, self._start = score, vid, start
 
     def _compact(self) -> None:
         n, m = self._n, min(self.max_per_class, self._n)

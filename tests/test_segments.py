@@ -165,6 +165,20 @@ def test_top_segments_per_class_equals_full_sort(ties):
     assert len(top._ids) <= 3 * m + 13  # the id table is pruned too
 
 
+def test_top_segments_buffers_grow_with_the_stream_not_with_max_per_class():
+    rng = np.random.default_rng(4)
+    top = sg.TopSegmentsPerClass(list(range(1000)), 100_000)  # the challenge's sizes: 2.4 GB if preallocated
+    assert top.nbytes <= 1000 * 4096 * 12
+    scores = rng.random((9000, 2)).astype(np.float32)
+    small = sg.TopSegmentsPerClass([0, 1], 100_000)
+    for lo in range(0, 9000, 500):
+        small.add([f"v{i}" for i in range(lo, lo + 500)], np.zeros(500), scores[lo:lo + 500])
+    assert small.nbytes == 2 * 16384 * 12  # doubled twice: 4096 -> 8192 -> 16384 columns
+    got = small.ranked_with_scores()[1]
+    order = np.argsort(-scores[:, 1], kind="stable")
+    assert [v for v, _, _ in got] == [f"v{i}" for i in order]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tagging CLI and segment evaluation
 
