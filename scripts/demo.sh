@@ -10,8 +10,8 @@ mkdir -p "$OUT"
 step() { printf '\n=== %s\n' "$*"; }
 
 step "1/8 generate sample data (synthetic YouTube-8M frame-level TFRecords; validation with segment ratings)"
-$PY -m pipeline.synthetic --out "$OUT/raw/train" --videos 600 --shards 4 --seed 1 --prefix train --max-frames 120
-$PY -m pipeline.synthetic --out "$OUT/raw/validate" --videos 200 --shards 2 --seed 2 --prefix validate \
+$PY -m pipeline.synthetic --out "$OUT/raw/train" --videos 2000 --shards 4 --seed 1 --prefix train --max-frames 120
+$PY -m pipeline.synthetic --out "$OUT/raw/validate" --videos 300 --shards 2 --seed 2 --prefix validate \
   --segments --max-frames 120
 
 step "2/8 preprocess the training split (pass 1 fits PCA whitening, pass 2 writes Parquet shards)"
@@ -31,8 +31,12 @@ $PY -m model.evaluate --checkpoint "$OUT/runs/cma-snet/best.pt" --data "$OUT/dat
 
 step "6/8 tag 5-second segments (Parquet rows + the 2019 challenge submission CSV)"
 RUN="$OUT/runs/cma-snet"
+# The challenge ranks only its segment-rated classes (segment_label_ids.csv); here: those rated in the sample data.
+$PY -c "import sys, numpy as np; from pipeline.shards import list_shards, iter_videos; \
+ids = sorted({int(c) for p in list_shards(sys.argv[1]) for v in iter_videos(p) for c in v.segment_labels}); \
+print('Index'); print('\n'.join(map(str, ids)))" "$OUT/data/validate" > "$OUT/segment_label_ids.csv"
 $PY -m model.tag_segments --checkpoint "$RUN/best.pt" --data "$OUT/data/validate" --out "$OUT/tags" \
-  --kaggle-csv "$OUT/tags/segments_submission.csv" --workers 0
+  --classes "$OUT/segment_label_ids.csv" --kaggle-csv "$OUT/tags/segments_submission.csv" --workers 0
 
 step "7/8 score the segment submission against the rated segments (MAP@100000)"
 $PY -m model.evaluate --segments --submission "$OUT/tags/segments_submission.csv" --data "$OUT/data/validate" \
