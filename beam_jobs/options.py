@@ -14,13 +14,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, SetupOptions,
                                                   StandardOptions)
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+from pipeline.errors import Yt8mError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Each local worker process gets one BLAS thread: N single-threaded workers beat N workers fighting over cores.
@@ -119,3 +122,17 @@ def runner_name(options: PipelineOptions) -> str:
         direct = options.view_as(DirectOptions)
         return f"FnApiRunner({direct.direct_running_mode}, workers={direct.direct_num_workers})"
     return str(options.view_as(StandardOptions).runner)
+
+
+def run_job(run: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """A job's command line: quiet logging, and a project error as one line on stderr with exit status 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Local workers' start-up chatter (e.g. "No semi_persistent_directory found") is relayed at WARNING.
+    logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines on import
+    try:
+        run(argv)
+    except Yt8mError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

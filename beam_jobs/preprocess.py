@@ -842,16 +842,7 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # Local workers' start-up chatter (e.g. "No semi_persistent_directory found") is relayed at WARNING.
-    logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines on import
-    try:
-        run(argv)
-    except Yt8mError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return job_options.run_job(run, argv)
 
 
 if __name__ == "__main__":

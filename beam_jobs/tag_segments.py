@@ -336,13 +336,7 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(argv)
-    except Yt8mError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return job_options.run_job(run, argv)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,18 @@ def load_model(checkpoint: str, device: torch.device):
     return model.to(device).eval(), a
 
 
+def check_feature_dims(data: str, train_args: dict):
+    """(the checkpoint's feature names, the shards' summary), after checking that the shards at ``data`` carry
+    those features at the dims the checkpoint was trained on."""
+    features = tuple(train_args["features"].split(","))
+    info = dataset_summary(data)
+    dim = sum(info.feature_dims.get(f, 0) for f in features)
+    if dim != train_args["feature_dim"]:
+        raise DataError(f"{data} has {dict(info.feature_dims)} but the checkpoint was trained on "
+                        f"{train_args['features']} with {train_args['feature_dim']} dims")
+    return features, info
+
+
 @torch.no_grad()
 def predict(model, loader, device):
     """Yields (ids, scores (B, K) float32 numpy, labels (B, K) numpy) per batch."""
@@ -92,12 +104,7 @@ def main(args) -> dict:
         raise CheckpointError("--checkpoint is required (except with --segments --submission FILE.csv)")
     device = resolve_device(args.device)
     model, train_args = load_model(args.checkpoint, device)
-    features = tuple(train_args["features"].split(","))
-    info = dataset_summary(args.data)
-    dim = sum(info.feature_dims.get(f, 0) for f in features)
-    if dim != train_args["feature_dim"]:
-        raise DataError(f"{args.data} has {dict(info.feature_dims)} but the checkpoint was trained on "
-                        f"{train_args['features']} with {train_args['feature_dim']} dims")
+    features, _ = check_feature_dims(args.data, train_args)
     loader = make_loader(args.data, batch_size=args.batch_size, workers=args.workers, features=features,
                          num_classes=train_args["num_classes"], max_frames=train_args["max_frames"],
                          shuffle=False, device=device)

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from model.data import DataError, dataset_summary, make_loader
+from model.data import DataError, make_loader
 from model.device import autocast, resolve_device
 from model.metrics import SEGMENT_TOP_K
 from model.segments import (DEFAULT_SCORER, SCORERS, SegmentError, TopSegmentsPerClass, read_class_ids,
@@ -144,7 +144,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args) -> dict:
-    from model.evaluate import load_model  # evaluate imports this module's neighbours; keep the import local
+    from model.evaluate import check_feature_dims, load_model  # local: evaluate imports segments
 
     if args.top_k < 1:
         raise SegmentError(f"--top-k must be >= 1, got {args.top_k}")
@@ -153,12 +153,7 @@ def main(args) -> dict:
     device = resolve_device(args.device)
     model, train_args = load_model(args.checkpoint, device)
     num_classes = int(train_args["num_classes"])
-    features = tuple(train_args["features"].split(","))
-    info = dataset_summary(args.data)
-    dim = sum(info.feature_dims.get(f, 0) for f in features)
-    if dim != train_args["feature_dim"]:
-        raise DataError(f"{args.data} has {dict(info.feature_dims)} but the checkpoint was trained on "
-                        f"{train_args['features']} with {train_args['feature_dim']} dims")
+    features, info = check_feature_dims(args.data, train_args)
     classes = read_class_ids(args.classes) if args.classes else np.arange(num_classes, dtype=np.int64)
     if classes.max() >= num_classes:
         raise SegmentError(f"{args.classes} lists class {int(classes.max())}, but the model has {num_classes}")
