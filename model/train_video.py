@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -163,14 +164,14 @@ def load_label_embeddings(args, device, out_dir: Path):
         emb = asge.load_embeddings(args.label_emb)
     else:
         label_lists = asge.read_training_labels(args.train)
-        graph, _ = asge.build_label_graph(label_lists, args.num_classes)
-        emb, history = asge.fit_asge(graph, epochs=args.asge_epochs, alpha=args.alpha, seed=args.seed,
-                                     device=device)
-        corr = asge.embedding_graph_correlation(emb, graph)
+        graph, counts = asge.build_label_graph(label_lists, args.num_classes)
+        emb, history = asge.fit_asge_seen(graph, counts, epochs=args.asge_epochs, alpha=args.alpha,
+                                          seed=args.seed, device=device)
+        corr = asge.embedding_graph_correlation(emb, graph, classes=np.flatnonzero(counts))
         asge.save_embeddings(out_dir / "label_emb.pt", emb, graph_correlation=corr,
                              final_loss=history[-1], alpha=args.alpha)
-        print(f"ASGE: fitted {args.num_classes} label embeddings, final loss {history[-1]:.4f}, "
-              f"corr(cos, A') {corr:.3f}")
+        print(f"ASGE: fitted the {np.count_nonzero(counts)} classes seen in training (of {args.num_classes}), "
+              f"final loss {history[-1]:.4f}, corr(cos, A') over them {corr:.3f}")
     if emb.shape[0] != args.num_classes:
         raise CheckpointError(f"label embeddings have {emb.shape[0]} classes but --num-classes is "
                               f"{args.num_classes}")

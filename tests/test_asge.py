@@ -290,3 +290,20 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and says in err, err
     assert not (tmp_path / "e.pt").exists()
+
+
+def test_fit_on_seen_classes_leaves_unseen_ones_near_orthogonal():
+    A, counts = planted_blocks()  # 60 classes in 6 blocks of 10
+    big = np.eye(300, dtype=np.float32)
+    big[:60, :60] = A
+    counts_big = np.zeros(300, dtype=np.int64)
+    counts_big[:60] = counts
+    emb, history = asge.fit_asge_seen(big, counts_big, epochs=150, alpha=0.1, seed=0)
+    assert emb.shape == (300, asge.EMBED_DIM) and torch.isfinite(emb).all()
+    assert len(history) == 151 and history[-1] < history[0]
+    seen = np.arange(60)
+    assert asge.edge_ranking_auc(emb, big, classes=seen) > 0.99
+    cos = asge.cosine_matrix(emb).numpy()
+    assert np.abs(cos[60:, :60]).max() < 0.35 and np.abs(cos[60:, :60]).mean() < 0.08
+    with pytest.raises(asge.ASGEError):
+        asge.fit_asge_seen(big, np.eye(1, 300, dtype=np.int64)[0], epochs=1)
