@@ -31,3 +31,15 @@ def synthetic_video_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic_video")
     synthetic.generate(str(out), videos=24, shards=2, seed=5, level="video")
     return out
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a module of tiny tensors: on a shared 2-core machine two OpenMP threads spin against
+    each other and run up to ~30x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

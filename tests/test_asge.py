@@ -17,13 +17,7 @@ from model import asge
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: on a shared 2-core machine two OpenMP threads spin against each other and run ~30x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # -- label graph -----------------------------------------------------------------------------------------------

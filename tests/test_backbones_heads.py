@@ -16,13 +16,7 @@ HEADS = ["mean", "self-attn", "cma"]
 BACKBONES = ["snet", "fc"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: on a shared 2-core machine two OpenMP threads spin against each other and run far slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def small_model(head: str, backbone: str, seed: int = 0, **head_kw) -> VideoClassifier:
