@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from model import asge
 from model.checkpoint import (CheckpointError, capture_rng_state, check_compatible, load_checkpoint,
-                              restore_rng_state, save_checkpoint)
+                              restore_rng_state, save_checkpoint, to_plain)
 from model.data import DataError, dataset_summary, make_loader
 from model.device import autocast, resolve_device
 from model.losses import ClassBalancedBCE, label_frequencies
@@ -107,7 +107,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch,
         if args.max_steps_per_epoch is not None and i >= args.max_steps_per_epoch:
             break
         ignore = None
-        if getattr(args, "segment_labels", False):
+        if args.segment_labels:
             ex = segment_training_examples(batch, args.num_classes)
             if ex.x.shape[0] == 0:  # no rated segment in this batch
                 continue
@@ -138,24 +138,21 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch,
             "samples_per_s": count / max(time.perf_counter() - t0, 1e-9)}, step
 
 
-@torch.no_grad()
 def evaluate(model, loader, device, num_classes):
+    from model.evaluate import predict  # local: model.evaluate is an entry point of its own
+
     model.eval()
     metrics = VideoMetrics(num_classes)
     seen = 0
-    for batch in loader:
-        x = batch["x"].to(device, non_blocking=True)
-        mask = batch["mask"].to(device, non_blocking=True)
-        with autocast(device):
-            scores = torch.sigmoid(model(x, mask).float())
-        metrics.update(scores.cpu().numpy(), batch["labels"].numpy())
-        seen += x.shape[0]
+    for ids, scores, labels in predict(model, loader, device):
+        metrics.update(scores, labels)
+        seen += len(ids)
     if seen == 0:
         raise DataError("the evaluation data yielded no video")
     return metrics.compute()
 
 
-def load_label_embeddings(args, device, out_dir: Path):
+def load_label_embeddings(args, label_lists, device, out_dir: Path):
     """(K, E) label embeddings: from a file, random (ablation), or fitted here with ASGE on the training labels."""
     if args.label_emb == "random":
         g = torch.Generator().manual_seed(args.seed)
@@ -163,7 +160,6 @@ def load_label_embeddings(args, device, out_dir: Path):
     if args.label_emb:
         emb = asge.load_embeddings(args.label_emb)
     else:
-        label_lists = asge.read_training_labels(args.train)
         graph, counts = asge.build_label_graph(label_lists, args.num_classes)
         emb, history = asge.fit_asge_seen(graph, counts, epochs=args.asge_epochs, alpha=args.alpha,
                                           seed=args.seed, device=device)
@@ -189,15 +185,16 @@ def init_classifier_bias(model, freqs, floor: float = 1e-4) -> None:
         model.head.classifier.bias.copy_(torch.log(p / (1 - p)))
 
 
-def init_from_checkpoint(model, args) -> None:
-    """``--init``: the weights of another run (same architecture), e.g. video-level training before segment
-    fine-tuning. Optimizer, schedule and epoch start fresh."""
+def load_init_checkpoint(args) -> dict:
+    """``--init``: another run's checkpoint (same architecture), e.g. video-level training before segment
+    fine-tuning. Only its weights are used; optimizer, schedule and epoch start fresh."""
     ckpt = load_checkpoint(args.init, map_location="cpu")
     a = ckpt.get("args") or {}
-    mismatch = {k: (a.get(k), getattr(args, k)) for k in ARCH_KEYS if k in a and a.get(k) != getattr(args, k)}
-    if mismatch:
-        raise CheckpointError(f"--init {args.init} was trained with "
-                              + ", ".join(f"{k}={v[0]!r} (this run: {v[1]!r})" for k, v in mismatch.items()))
+    check_compatible(a, vars(args), [k for k in ARCH_KEYS if k in a])
+    return ckpt
+
+
+def init_from_checkpoint(model, args, ckpt: dict) -> None:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -233,20 +230,22 @@ def main(args) -> dict:
     if args.resume:
         ckpt = load_checkpoint(resume_path)
         check_compatible(ckpt["args"], vars(args), ARCH_KEYS)
+    init = load_init_checkpoint(args) if args.init and ckpt is None else None
+    train_labels = asge.read_training_labels(args.train)
     label_emb = None
     if args.head == "cma":
-        init = load_checkpoint(args.init)["model"] if args.init and not ckpt else None
-        label_emb = (ckpt["model"]["head.label_embeddings"] if ckpt else
-                     init["head.label_embeddings"] if init is not None else load_label_embeddings(args, device, out))
+        source = ckpt if ckpt is not None else init
+        label_emb = (source["model"]["head.label_embeddings"] if source is not None
+                     else load_label_embeddings(args, train_labels, device, out))
     model = build_model(args, label_embeddings=label_emb).to(device)
     optimizer = build_optimizer(args, model.parameters())
     scheduler = build_scheduler(args, optimizer)
-    freqs = label_frequencies(asge.read_training_labels(args.train), args.num_classes)
+    freqs = label_frequencies(train_labels, args.num_classes)
     if ckpt is None:
         init_classifier_bias(model, freqs)
     loss_fn = ClassBalancedBCE(beta=args.beta, label_freq=freqs if args.beta else None).to(device)
-    if args.init and ckpt is None:
-        init_from_checkpoint(model, args)
+    if init is not None:
+        init_from_checkpoint(model, args, init)
 
     start_epoch, step, best_gap, history = 0, 0, -math.inf, []
     if ckpt is not None:
@@ -283,7 +282,7 @@ def main(args) -> dict:
         history.append(record)
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best_metric": best_gap,
-                 "args": _plain_args(args), "rng": capture_rng_state()}
+                 "args": to_plain(vars(args)), "rng": capture_rng_state()}
         save_checkpoint(out / "last.pt", state)
         if is_best:
             save_checkpoint(out / "best.pt", state)
@@ -292,10 +291,6 @@ def main(args) -> dict:
     if writer is not None:
         writer.close()
     return history[-1] if history else {}
-
-
-def _plain_args(args) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def _epoch_line(r: dict) -> str:
