@@ -12,11 +12,15 @@ Both forms are kept (``fused=False``) and tested equal.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model.backbones import MaskedBatchNorm1d
+
+CMA_ATTENTION = ("relu", "softmax")
 
 
 def normalize_attention(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -99,6 +103,12 @@ class CMAHead(nn.Module):
     with a positive cosine c at some step is barely affected, since f is small against c there. With f = 0 and
     no positive cosine, the attention is all zero and the logit is the bias.
 
+    ``attention="softmax"`` replaces Eq. 7 by z_k^i = exp(s c), so Eq. 8 becomes softmax(s c) over the valid steps
+    (not in the paper). Eq. 7's weights are proportional to cosines in [0, 1], so a step can outweigh a background
+    step only by the ratio of their cosines, and across many steps the evidence stays diluted. On the Table 4 bench
+    (YouTube-8M-length videos, mean of two seeds) the softmax with s = 10 raised CMA-SNet from 58.7 to 70.0 GAP,
+    against 67.3 for the self-attention head and 53.7 for mean pooling; see the README.
+
     Args:
         in_channels: C of the visual features I.
         num_classes: K.
@@ -106,7 +116,9 @@ class CMAHead(nn.Module):
         embed_dim: C_e when ``label_embeddings`` is None.
         cmt_layers: depth of the CMT.
         cmt_final_activation: see ``CrossModalityTransformer``.
-        attention_floor: f above (>= 0).
+        attention_floor: f above (>= 0); used by ``attention="relu"`` only.
+        attention: "relu" (Eq. 7 with the floor, the paper's) or "softmax" (softmax of ``scale`` x cosine).
+        scale: s of the softmax attention (> 0); cosines lie in [-1, 1], so s sets how peaked it can get.
         fused: fused aggregation (see module docstring).
         finetune_embeddings: make the label embeddings a trained parameter instead of a fixed buffer. Either way
             the state-dict key is ``label_embeddings``.
@@ -114,7 +126,8 @@ class CMAHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, label_embeddings: torch.Tensor | None = None,
                  embed_dim: int = 256, cmt_layers: int = 2, cmt_final_activation: bool = True,
-                 attention_floor: float = 1e-3, fused: bool = True, finetune_embeddings: bool = False):
+                 attention_floor: float = 1e-3, attention: str = "relu", scale: float = 10.0, fused: bool = True,
+                 finetune_embeddings: bool = False):
         super().__init__()
         if label_embeddings is None:
             label_embeddings = torch.randn(num_classes, embed_dim)
@@ -123,6 +136,10 @@ class CMAHead(nn.Module):
             raise ValueError(f"label_embeddings must be ({num_classes}, C_e), got {tuple(label_embeddings.shape)}")
         if attention_floor < 0:
             raise ValueError(f"attention_floor must be >= 0, got {attention_floor}")
+        if attention not in CMA_ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(CMA_ATTENTION)}, got {attention!r}")
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
         if finetune_embeddings:
             self.label_embeddings = nn.Parameter(label_embeddings)
         else:
@@ -130,6 +147,8 @@ class CMAHead(nn.Module):
         self.cmt = CrossModalityTransformer(in_channels, label_embeddings.shape[1], cmt_layers, cmt_final_activation)
         self.classifier = nn.Linear(in_channels, num_classes)
         self.attention_floor = attention_floor
+        self.attention_kind = attention
+        self.scale = float(scale)
         self.fused = fused
 
     def cosine(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -140,9 +159,16 @@ class CMAHead(nn.Module):
         return torch.einsum("ke,bme->bkm", emb.to(proj.dtype), proj)  # (B, K, M)
 
     def attention(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Eq. 7-8 with the floor: (B, K, M) weights, zero at padded steps, summing to 1 over valid steps."""
+        """Eq. 7-8 with the floor (or the scaled softmax): (B, K, M) weights, zero at padded steps, summing to 1 over
+        valid steps."""
         feats = feats.masked_fill(~mask.unsqueeze(-1), 0.0)
         cos = self.cosine(feats, mask)  # (B, K, M)
+        if self.attention_kind == "softmax":
+            logits = self.scale * cos
+            # shifted by each class's largest valid logit: no overflow, and the top step gets exactly exp(0)
+            top = logits.masked_fill(~mask.unsqueeze(1), -math.inf).amax(dim=-1, keepdim=True)  # (B, K, 1)
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row without valid steps
+            return normalize_attention(torch.exp(logits - top), mask)
         f = self.attention_floor
         # relu(c) + f * exp(min(c, 0)) as one select: fewer (B, K, M) temporaries (1.2 GB each for an FC backbone
         # batch of 256 x 300 frames x 3862 classes)

@@ -35,10 +35,21 @@ from model.device import autocast, resolve_device
 from model.losses import ClassBalancedBCE, label_frequencies
 from model.metrics import VideoMetrics
 from model.segments import rated_segment_map, segment_training_examples
+from model.heads import CMA_ATTENTION
 from model.video_model import build_model
 
-# Flags a checkpoint must agree on before it can be resumed or evaluated: they fix the parameter shapes.
-ARCH_KEYS = ("head", "backbone", "features", "num_classes", "feature_dim", "width")
+# Flags a checkpoint must agree on before it can be resumed or used by --init: they fix the architecture.
+ARCH_KEYS = ("head", "backbone", "features", "num_classes", "feature_dim", "width", "cma_attention", "cma_scale",
+             "finetune_label_emb")
+
+
+# flags added after the first checkpoints were written, with the behaviour those checkpoints had
+ARCH_DEFAULTS = {"cma_attention": "relu", "cma_scale": 10.0, "finetune_label_emb": False}
+
+
+def with_arch_defaults(ckpt_args):
+    """A checkpoint's args with ``ARCH_DEFAULTS`` filled in where they predate those flags."""
+    return {**ARCH_DEFAULTS, **ckpt_args} if isinstance(ckpt_args, dict) else ckpt_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,6 +67,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="label embeddings from `python -m model.asge`; 'random' for the embedding ablation; "
                         "default: fit ASGE on the training labels first")
     p.add_argument("--asge-epochs", type=int, default=asge.DEFAULT_EPOCHS)
+    p.add_argument("--cma-attention", choices=CMA_ATTENTION, default="relu",
+                   help="relu: Eq. 7 as in the paper; softmax: softmax of --cma-scale x cosine over time (sharper)")
+    p.add_argument("--cma-scale", type=float, default=10.0, help="scale of --cma-attention softmax")
+    p.add_argument("--finetune-label-emb", action="store_true",
+                   help="train the label embeddings with the model (the paper keeps the ASGE output fixed)")
     p.add_argument("--alpha", type=float, default=0.1, help="ASGE relaxation (paper, video: 0.1)")
     p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
     p.add_argument("--lr", type=float, default=2e-4)
@@ -190,6 +206,7 @@ def load_init_checkpoint(args) -> dict:
     fine-tuning. Only its weights are used; optimizer, schedule and epoch start fresh."""
     ckpt = load_checkpoint(args.init, map_location="cpu")
     a = ckpt.get("args") or {}
+    a = with_arch_defaults(a)
     check_compatible(a, vars(args), [k for k in ARCH_KEYS if k in a])
     return ckpt
 
@@ -229,7 +246,7 @@ def main(args) -> dict:
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(resume_path)
-        check_compatible(ckpt["args"], vars(args), ARCH_KEYS)
+        check_compatible(with_arch_defaults(ckpt["args"]), vars(args), ARCH_KEYS)
     init = load_init_checkpoint(args) if args.init and ckpt is None else None
     train_labels = asge.read_training_labels(args.train)
     label_emb = None

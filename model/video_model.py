@@ -88,8 +88,17 @@ def backbone_width_kw(backbone: str, width: int) -> dict[str, Any]:
 
 def build_model(args: Any, label_embeddings: torch.Tensor | None = None) -> VideoClassifier:
     """``build_video_model`` from a namespace or dict with ``head``, ``backbone``, ``feature_dim``, ``num_classes``
-    and optionally ``width`` (the keys ``model.train_video`` stores in its checkpoints)."""
+    and optionally ``width`` and the CMA flags of ``cma_head_kw`` (the keys ``model.train_video`` stores in its
+    checkpoints)."""
     a = args if isinstance(args, Mapping) else vars(args)
     kw = backbone_width_kw(a["backbone"], a["width"]) if a.get("width") else None
+    head_kw = cma_head_kw(a) if a["head"] == "cma" else {}
     return build_video_model(a["head"], a["backbone"], in_dim=a["feature_dim"], num_classes=a["num_classes"],
-                             label_embeddings=label_embeddings, backbone_kw=kw)
+                             label_embeddings=label_embeddings, backbone_kw=kw, **head_kw)
+
+
+def cma_head_kw(a: Mapping[str, Any]) -> dict[str, Any]:
+    """CMAHead arguments from the flags ``cma_attention``, ``cma_scale``, ``finetune_label_emb`` (absent in older
+    checkpoints: the paper's Eq. 7 with fixed embeddings)."""
+    return {"attention": a.get("cma_attention") or "relu", "scale": float(a.get("cma_scale") or 10.0),
+            "finetune_embeddings": bool(a.get("finetune_label_emb", False))}

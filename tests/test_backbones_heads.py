@@ -99,12 +99,14 @@ def test_backbone_padding_never_matters(backbone, train):
 
 
 # -- whole models ----------------------------------------------------------------------------------------------
-VARIANTS = [(h, b, fused) for h in HEADS for b in BACKBONES for fused in ([True, False] if h != "mean" else [None])]
+VARIANTS = [(h, b, fused, {}) for h in HEADS for b in BACKBONES
+            for fused in ([True, False] if h != "mean" else [None])]
+VARIANTS += [("cma", b, fused, {"attention": "softmax"}) for b in BACKBONES for fused in (True, False)]
 
 
-@pytest.mark.parametrize("head,backbone,fused", VARIANTS)
-def test_every_parameter_gets_a_gradient(head, backbone, fused):
-    kw = {} if fused is None else {"fused": fused}
+@pytest.mark.parametrize("head,backbone,fused,head_kw", VARIANTS)
+def test_every_parameter_gets_a_gradient(head, backbone, fused, head_kw):
+    kw = dict(head_kw) if fused is None else {"fused": fused, **head_kw}
     model = small_model(head, backbone, **kw)
     x, mask = padded_batch([30, 9, 1, 16], 30)
     logits = model(x, mask)
@@ -280,6 +282,31 @@ def test_cma_without_floor_dead_classes_fall_back_to_the_bias():
     mask = torch.ones(2, 4, dtype=torch.bool)
     assert (head.attention(feats, mask) == 0).all()
     torch.testing.assert_close(head(feats, mask), head.classifier.bias.expand(2, K))
+
+
+def test_cma_softmax_attention_is_softmax_of_scaled_cosines():
+    head = make_head("cma", attention="softmax", scale=7.0)
+    feats = torch.rand(2, 4, 5)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    cos = head.cosine(feats, mask)
+    expected = torch.softmax((7.0 * cos).masked_fill(~mask[:, None, :], -math.inf), dim=-1)
+    torch.testing.assert_close(head.attention(feats, mask), expected)
+
+
+def test_cma_softmax_attention_stays_finite_for_any_cosines():
+    head = negative_cma_head(attention="softmax", scale=50.0)  # every cosine <= 0: exp(50 (c - 1)) is tiny
+    feats = torch.rand(2, 3, 5)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    a = head.attention(feats, mask)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, K))
+
+
+@pytest.mark.parametrize("kw,match", [({"attention": "sigmoid"}, "attention must be"),
+                                      ({"attention": "softmax", "scale": 0.0}, "scale must be")])
+def test_cma_rejects_bad_attention_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CMAHead(5, K, embed_dim=E, **kw)
 
 
 def test_cma_label_embeddings_can_be_finetuned():

@@ -13,11 +13,9 @@ import torch.nn as nn
 from model import evaluate, segments as sg, tag_segments, train_video
 from model.checkpoint import save_checkpoint
 from model.losses import class_balanced_bce
-from model.metrics import segment_map_report
 from model.submission import read_segment_submission, segment_map_from_csv
 from model.video_model import VideoClassifier, build_video_model
 from pipeline import shards
-from pipeline.shards import iter_videos
 from shard_factory import write_random_shards
 
 K = 20

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model import evaluate, train_video
+from model.checkpoint import CheckpointError
 from model.metrics import VideoMetrics
 from model.submission import recompute_gap_from_csv
 from pipeline.shards import iter_videos
@@ -130,3 +131,33 @@ def test_streaming_metrics_equal_one_shot_on_real_predictions(data, tmp_path):
     one.update(np.concatenate(scores), np.concatenate(labels))
     for k in ("gap", "hit_at_1", "perr", "map"):
         assert stream.compute()[k] == pytest.approx(one.compute()[k], abs=1e-9)
+
+
+def test_cma_attention_flags_travel_with_the_checkpoint(data, tmp_path):
+    """--cma-attention softmax and --finetune-label-emb are rebuilt by evaluate from the checkpoint alone."""
+    run = tmp_path / "run"
+    final = _train(data, run, "--epochs", "1", "--cma-attention", "softmax", "--cma-scale", "5",
+                   "--finetune-label-emb", "--label-emb", "random")
+    model, a = evaluate.load_model(str(run / "last.pt"), torch.device("cpu"))
+    assert (model.head.attention_kind, model.head.scale) == ("softmax", 5.0)
+    assert "head.label_embeddings" in dict(model.named_parameters())
+    saved = torch.load(run / "last.pt", weights_only=True)["model"]["head.label_embeddings"]
+    g = torch.Generator().manual_seed(0)  # --label-emb random draws with the run's seed
+    assert not torch.allclose(saved, torch.randn(saved.shape, generator=g)), "embeddings were not trained"
+    result = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--checkpoint", str(run / "last.pt"), "--data", str(data / "val"), "--out", str(tmp_path / "m.json"),
+         "--workers", "0", "--device", "cpu"]))
+    assert result["gap"] == pytest.approx(final["val_gap"], abs=1e-6)
+    with pytest.raises(CheckpointError, match="cma-attention"):
+        _train(data, run, "--epochs", "2", "--finetune-label-emb", "--label-emb", "random", "--resume")
+
+
+def test_checkpoint_from_before_the_cma_flags_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    _train(data, run, "--epochs", "1", "--head", "mean", "--backbone", "fc")
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    for key in train_video.ARCH_DEFAULTS:
+        del ckpt["args"][key]
+    torch.save(ckpt, run / "last.pt")
+    resumed = _train(data, run, "--epochs", "2", "--head", "mean", "--backbone", "fc", "--resume")
+    assert resumed["epoch"] == 1
