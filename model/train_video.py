@@ -36,7 +36,7 @@ from model.losses import ClassBalancedBCE, label_frequencies
 from model.metrics import VideoMetrics
 from model.segments import rated_segment_map, segment_training_examples
 from model.heads import CMA_ATTENTION
-from model.video_model import build_model
+from model.video_model import CMA_FLAG_DEFAULTS, build_model
 
 # Flags a checkpoint must agree on before it can be resumed or used by --init: they fix the architecture.
 ARCH_KEYS = ("head", "backbone", "features", "num_classes", "feature_dim", "width", "cma_attention", "cma_scale",
@@ -44,7 +44,7 @@ ARCH_KEYS = ("head", "backbone", "features", "num_classes", "feature_dim", "widt
 
 
 # flags added after the first checkpoints were written, with the behaviour those checkpoints had
-ARCH_DEFAULTS = {"cma_attention": "relu", "cma_scale": 10.0, "finetune_label_emb": False}
+ARCH_DEFAULTS = CMA_FLAG_DEFAULTS
 
 
 def with_arch_defaults(ckpt_args):
@@ -67,9 +67,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="label embeddings from `python -m model.asge`; 'random' for the embedding ablation; "
                         "default: fit ASGE on the training labels first")
     p.add_argument("--asge-epochs", type=int, default=asge.DEFAULT_EPOCHS)
-    p.add_argument("--cma-attention", choices=CMA_ATTENTION, default="relu",
+    p.add_argument("--cma-attention", choices=CMA_ATTENTION, default=CMA_FLAG_DEFAULTS["cma_attention"],
                    help="relu: Eq. 7 as in the paper; softmax: softmax of --cma-scale x cosine over time (sharper)")
-    p.add_argument("--cma-scale", type=float, default=10.0, help="scale of --cma-attention softmax")
+    p.add_argument("--cma-scale", type=float, default=CMA_FLAG_DEFAULTS["cma_scale"],
+                   help="scale of --cma-attention softmax")
     p.add_argument("--finetune-label-emb", action="store_true",
                    help="train the label embeddings with the model (the paper keeps the ASGE output fixed)")
     p.add_argument("--alpha", type=float, default=0.1, help="ASGE relaxation (paper, video: 0.1)")

@@ -97,8 +97,14 @@ def build_model(args: Any, label_embeddings: torch.Tensor | None = None) -> Vide
                              label_embeddings=label_embeddings, backbone_kw=kw, **head_kw)
 
 
+# CMA flags of model.train_video, with the values that checkpoints written before them imply (the paper's Eq. 7
+# with fixed embeddings)
+CMA_FLAG_DEFAULTS = {"cma_attention": "relu", "cma_scale": 10.0, "finetune_label_emb": False}
+
+
 def cma_head_kw(a: Mapping[str, Any]) -> dict[str, Any]:
-    """CMAHead arguments from the flags ``cma_attention``, ``cma_scale``, ``finetune_label_emb`` (absent in older
-    checkpoints: the paper's Eq. 7 with fixed embeddings)."""
-    return {"attention": a.get("cma_attention") or "relu", "scale": float(a.get("cma_scale") or 10.0),
-            "finetune_embeddings": bool(a.get("finetune_label_emb", False))}
+    """CMAHead arguments from the flags ``cma_attention``, ``cma_scale``, ``finetune_label_emb`` (``CMA_FLAG_DEFAULTS``
+    where absent)."""
+    f = {**CMA_FLAG_DEFAULTS, **{k: a[k] for k in CMA_FLAG_DEFAULTS if a.get(k) is not None}}
+    return {"attention": f["cma_attention"], "scale": float(f["cma_scale"]),
+            "finetune_embeddings": bool(f["finetune_label_emb"])}
