@@ -63,33 +63,39 @@ def prepare_data(root: Path, train_videos: int, val_videos: int, pca_dims: int, 
 
 def where_attention_goes(run: Path, val: Path):
     """(``AttentionStats`` of a run's last model on the rated validation segments, overlap over strong labels;
-    {"strong": mean AP, "faint": mean AP} over the classes of each kind, full-ranking AP per class)."""
+    {"strong": mean AP, "faint": mean AP} over the classes of each kind, full-ranking AP per class), from one pass
+    over the validation split."""
     import numpy as np
     import torch
     from sklearn.metrics import average_precision_score
 
-    from model.attention_stats import attention_stats
+    from model.attention_stats import AttentionStatsAccumulator
     from model.data import make_loader
-    from model.evaluate import load_model, predict
+    from model.evaluate import load_model
+    from model.segments import time_stride
     from pipeline.synthetic import build_structure
 
     model, a = load_model(str(run / "last.pt"), torch.device("cpu"))
     structure = build_structure()
-
-    def loader(segments: bool):
-        return make_loader(str(val), 64, workers=0, num_classes=a["num_classes"], max_frames=a["max_frames"],
-                           shuffle=False, segment_labels=segments, features=a["features"].split(","))
-
+    loader = make_loader(str(val), 64, workers=0, num_classes=a["num_classes"], max_frames=a["max_frames"],
+                         shuffle=False, segment_labels=True, features=a["features"].split(","))
+    acc = AttentionStatsAccumulator(overlap_classes=structure.strong_ids)
+    stride = time_stride(model.backbone)
+    scores, labels = [], []
     with torch.no_grad():
-        att = attention_stats(model, loader(True), torch.device("cpu"), overlap_classes=structure.strong_ids)
-    scores, labels = zip(*[(s, y) for _, s, y in predict(model, loader(False), torch.device("cpu"))])
+        for batch in loader:
+            feats, fmask = model.forward_features(batch["x"], batch["mask"])  # (B, T', C), (B, T')
+            acc.update(model.head.attention(feats, fmask), batch["mask"].sum(dim=1), batch["x"].shape[1], stride,
+                       batch)
+            scores.append(torch.sigmoid(model.forward_head(feats, fmask)).numpy())
+            labels.append(batch["labels"].numpy())
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     faint = set(structure.faint_host)
     ap = {"strong": [], "faint": []}
     for c in structure.class_ids.tolist():
         if labels[:, c].any():
             ap["faint" if c in faint else "strong"].append(average_precision_score(labels[:, c], scores[:, c]))
-    return att, {kind: float(np.mean(v)) for kind, v in ap.items()}
+    return acc.compute(), {kind: float(np.mean(v)) for kind, v in ap.items()}
 
 
 def main() -> None:

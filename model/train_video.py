@@ -43,13 +43,9 @@ ARCH_KEYS = ("head", "backbone", "features", "num_classes", "feature_dim", "widt
              "finetune_label_emb")
 
 
-# flags added after the first checkpoints were written, with the behaviour those checkpoints had
-ARCH_DEFAULTS = CMA_FLAG_DEFAULTS
-
-
 def with_arch_defaults(ckpt_args):
-    """A checkpoint's args with ``ARCH_DEFAULTS`` filled in where they predate those flags."""
-    return {**ARCH_DEFAULTS, **ckpt_args} if isinstance(ckpt_args, dict) else ckpt_args
+    """A checkpoint's args with ``CMA_FLAG_DEFAULTS`` filled in where they predate those flags."""
+    return {**CMA_FLAG_DEFAULTS, **ckpt_args} if isinstance(ckpt_args, dict) else ckpt_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from model import evaluate, train_video
 from model.checkpoint import CheckpointError
 from model.metrics import VideoMetrics
 from model.submission import recompute_gap_from_csv
+from model.video_model import CMA_FLAG_DEFAULTS
 from pipeline.shards import iter_videos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +157,7 @@ def test_checkpoint_from_before_the_cma_flags_resumes(data, tmp_path):
     run = tmp_path / "run"
     _train(data, run, "--epochs", "1", "--head", "mean", "--backbone", "fc")
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    for key in train_video.ARCH_DEFAULTS:
+    for key in CMA_FLAG_DEFAULTS:
         del ckpt["args"][key]
     torch.save(ckpt, run / "last.pt")
     resumed = _train(data, run, "--epochs", "2", "--head", "mean", "--backbone", "fc", "--resume")
