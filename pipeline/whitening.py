@@ -7,12 +7,33 @@ of Chan, Golub and LeVeque, so large offsets (feature means far from zero) do no
 order or tree shape to the same result up to rounding.
 
 ``fit_whitening`` eigen-decomposes the unbiased covariance ``scatter / (count - 1)``, the convention of
-scikit-learn's ``PCA``: its ``eigenvalues`` equal ``PCA.explained_variance_`` and, with ``epsilon=0``, PCA whitening
-equals ``PCA(whiten=True).transform`` up to the sign of each component. Signs are fixed so the largest-magnitude
-entry of every component is positive (the first such entry on ties), which makes fits reproducible.
+scikit-learn's ``PCA``: its ``eigenvalues`` equal ``PCA.explained_variance_`` and, with ``epsilon=0`` and
+``shrinkage=0``, PCA whitening equals ``PCA(whiten=True).transform`` up to the sign of each component. Signs are fixed
+so the largest-magnitude entry of every component is positive (the first such entry on ties), which makes fits
+reproducible.
 
-    PCA: x_white = (x - mean) @ components.T / sqrt(eigenvalues + epsilon)                 -> (N, dims)
-    ZCA: x_white = ((x - mean) @ components.T / sqrt(eigenvalues + epsilon)) @ components  -> (N, D), dims == D
+Two rules keep a fit on few frames (a video-level split of a few hundred videos has 1152 dims) from blowing up
+frames it did not see:
+
+* Rank. Centered frames span at most ``count - 1`` directions; along the others the sample variance is zero up to
+  rounding, and dividing by it multiplies whatever a new frame has there by ~1/sqrt(epsilon). A component is kept
+  only if its index is below ``count - 1`` and its eigenvalue exceeds ``RANK_RTOL`` (1e-10) times the largest:
+  rounding noise of a float64 eigen-decomposition is about D * 2.2e-16 of the largest eigenvalue (2.3e-13 at
+  D = 1024), while 8-bit quantization alone gives real directions about 1e-6 of it. When fewer components survive
+  than asked for, ``Whitening.requested_dims`` keeps the request and the caller reports the difference.
+* Shrinkage. The smallest sample eigenvalues of a short sample underestimate the variance new frames show along
+  their axes (Marchenko-Pastur), so whitening by them inflates held-out frames. The covariance is shrunk toward
+  ``mu I`` (mu = trace / D, the mean eigenvalue) before inversion, ``(1 - s) S + s mu I``, with s chosen by the
+  Oracle Approximating Shrinkage rule (Chen et al. 2010, scikit-learn's ``OAS``), which needs only the moments
+  (trace of S and of S^2). s falls toward 0 as frames outnumber dims, so a fit on millions of frames is plain PCA
+  whitening. ``epsilon`` is relative too: ``epsilon * mu`` is added on top as a floor. Both are scale-free.
+
+    variance_j = (1 - s) eigenvalue_j + (s + epsilon) mu
+    PCA: x_white = (x - mean) @ components.T / sqrt(variance)                 -> (N, dims)
+    ZCA: x_white = ((x - mean) @ components.T / sqrt(variance)) @ components  -> (N, D)
+
+Since the rows of ``components`` are orthonormal, ``|x_white| <= |x - mean| / sqrt(min variance)`` for every frame
+(``Whitening.output_bound``), and ``min variance >= (s + epsilon) mu``.
 
 Files are ``.npz`` archives written byte-for-byte deterministically (fixed zip timestamps, stored members, sorted
 keys), so ``sha256`` of the in-memory object equals ``sha256sum`` of the file and stays the same across saves; the
@@ -35,8 +56,10 @@ import numpy as np
 
 from pipeline.errors import Yt8mError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds shrinkage, mean_eigenvalue and requested_dims; epsilon became relative to mean_eigenvalue
 MODES = ("pca", "zca")
+RANK_RTOL = 1e-10  # eigenvalues at or below this fraction of the largest are numerical noise (module docstring)
+SHRINKAGE_RULES = ("oas",)
 # Rows per float64 working chunk in ``MomentAccumulator.add``: about 32 MiB at D = 1024.
 _CHUNK_ELEMENTS = 1 << 22
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # earliest zip timestamp; fixed so identical content gives identical bytes
@@ -141,16 +164,19 @@ class MomentAccumulator:
 # -- fitted whitening ------------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class Whitening:
-    """A fitted whitening transform for one feature.
+    """A fitted whitening transform for one feature (see the module docstring for the formula).
 
     Args:
         mean: (D,) mean of the fitting frames.
         components: (dims, D) orthonormal principal axes, largest eigenvalue first.
-        eigenvalues: (dims,) unbiased variances along ``components``.
+        eigenvalues: (dims,) unbiased sample variances along ``components``.
         explained_variance_ratio: (dims,) eigenvalue / total variance (trace of the covariance).
-        epsilon: added to each eigenvalue before the inverse square root, to damp near-empty directions.
-        mode: ``"pca"`` (project to dims) or ``"zca"`` (project, scale, rotate back; dims must equal D).
+        epsilon: floor added to every variance, as a fraction of ``mean_eigenvalue``.
+        mode: ``"pca"`` (project to dims) or ``"zca"`` (project, scale, rotate back to the D input axes).
         count: number of frames fitted.
+        shrinkage: s in [0, 1], weight of ``mean_eigenvalue`` in the shrunk covariance.
+        mean_eigenvalue: mu = trace of the covariance / D, the shrinkage target's variance.
+        requested_dims: components asked for (0: as many as kept); more than ``dims`` when the data spans fewer.
     """
     mean: np.ndarray
     components: np.ndarray
@@ -159,6 +185,9 @@ class Whitening:
     epsilon: float = 1e-4
     mode: str = "pca"
     count: int = 0
+    shrinkage: float = 0.0
+    mean_eigenvalue: float = 0.0
+    requested_dims: int = 0
     _projection: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -167,6 +196,7 @@ class Whitening:
         self.eigenvalues = np.asarray(self.eigenvalues, np.float64)
         self.explained_variance_ratio = np.asarray(self.explained_variance_ratio, np.float64)
         self.epsilon, self.count, self.mode = float(self.epsilon), int(self.count), str(self.mode)
+        self.shrinkage, self.mean_eigenvalue = float(self.shrinkage), float(self.mean_eigenvalue)
         if self.mode not in MODES:
             raise WhiteningError(f"unknown whitening mode {self.mode!r}; expected one of {MODES}")
         D = self.mean.shape[0] if self.mean.ndim == 1 else -1
@@ -176,16 +206,27 @@ class Whitening:
             raise WhiteningError(f"inconsistent whitening shapes: mean {self.mean.shape}, components "
                                  f"{self.components.shape}, eigenvalues {self.eigenvalues.shape}, explained_variance_"
                                  f"ratio {self.explained_variance_ratio.shape}")
-        if self.mode == "zca" and k != D:
-            raise WhiteningError(f"ZCA rotates back to the input space and needs all {D} components, got {k}")
-        scale = self.eigenvalues + self.epsilon
-        if self.epsilon < 0 or np.any(scale <= 0):
-            raise WhiteningError(f"eigenvalue + epsilon must be positive (epsilon={self.epsilon}, smallest kept "
-                                 f"eigenvalue {self.eigenvalues.min():.3g}); raise epsilon or keep fewer dims")
+        self.requested_dims = int(self.requested_dims) or k
+        if not 0.0 <= self.shrinkage <= 1.0 or self.epsilon < 0 or self.mean_eigenvalue < 0:
+            raise WhiteningError(f"shrinkage must lie in [0, 1] and epsilon, mean_eigenvalue be >= 0; got "
+                                 f"{self.shrinkage}, {self.epsilon}, {self.mean_eigenvalue}")
+        scale = self.variances
+        if np.any(scale <= 0) or not np.all(np.isfinite(scale)):
+            raise WhiteningError(f"every regularized variance must be positive (smallest {scale.min():.3g}, "
+                                 f"epsilon={self.epsilon}, shrinkage={self.shrinkage})")
         proj = self.components.T / np.sqrt(scale)  # (D, dims)
         if self.mode == "zca":
             proj = proj @ self.components  # (D, D), symmetric
         self._projection = proj
+
+    @property
+    def variances(self) -> np.ndarray:
+        """(dims,) the regularized variances the projection divides by: (1 - s) eigenvalue + (s + epsilon) mu."""
+        return (1.0 - self.shrinkage) * self.eigenvalues + (self.shrinkage + self.epsilon) * self.mean_eigenvalue
+
+    def output_bound(self, radius: float) -> float:
+        """Largest norm (so also largest |value|) a whitened frame can have when ``|x - mean| <= radius``."""
+        return float(radius / np.sqrt(self.variances.min()))
 
     @property
     def input_dim(self) -> int:
@@ -223,18 +264,26 @@ class Whitening:
                 f"{prefix}eigenvalues": self.eigenvalues,
                 f"{prefix}explained_variance_ratio": self.explained_variance_ratio,
                 f"{prefix}epsilon": np.array(self.epsilon, np.float64), f"{prefix}mode": np.array(self.mode),
-                f"{prefix}count": np.array(self.count, np.int64), f"{prefix}dims": np.array(self.dims, np.int64)}
+                f"{prefix}count": np.array(self.count, np.int64), f"{prefix}dims": np.array(self.dims, np.int64),
+                f"{prefix}shrinkage": np.array(self.shrinkage, np.float64),
+                f"{prefix}mean_eigenvalue": np.array(self.mean_eigenvalue, np.float64),
+                f"{prefix}requested_dims": np.array(self.requested_dims, np.int64)}
 
     @classmethod
     def _from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str, source: str) -> "Whitening":
         names = ("mean", "components", "eigenvalues", "explained_variance_ratio", "epsilon", "mode", "count", "dims")
+        if int(arrays["version"]) >= 2:
+            names += ("shrinkage", "mean_eigenvalue", "requested_dims")
         missing = [n for n in names if prefix + n not in arrays]
         if missing:
             raise WhiteningError(f"{source} lacks {', '.join(prefix + n for n in missing)}")
         a = {n: arrays[prefix + n] for n in names}
+        if int(arrays["version"]) == 1:
+            a.update(_from_version_1(a))
         w = cls(mean=a["mean"], components=a["components"], eigenvalues=a["eigenvalues"],
                 explained_variance_ratio=a["explained_variance_ratio"], epsilon=float(a["epsilon"]),
-                mode=str(a["mode"]), count=int(a["count"]))
+                mode=str(a["mode"]), count=int(a["count"]), shrinkage=float(a["shrinkage"]),
+                mean_eigenvalue=float(a["mean_eigenvalue"]), requested_dims=int(a["requested_dims"]))
         if int(a["dims"]) != w.dims:
             raise WhiteningError(f"{source}: {prefix}dims says {int(a['dims'])} but there are {w.dims} components")
         return w
@@ -271,35 +320,83 @@ class Whitening:
         return cls._from_arrays(arrays, f"{name}/", str(path))
 
 
-def fit_whitening(acc: MomentAccumulator, dims: int | None = None, epsilon: float = 1e-4,
-                  mode: str = "pca") -> Whitening:
+def fit_whitening(acc: MomentAccumulator, dims: int | None = None, epsilon: float = 1e-4, mode: str = "pca",
+                  shrinkage: str | float = "oas") -> Whitening:
     """Eigen-decompose the accumulator's unbiased covariance and keep the ``dims`` largest components (all D when
-    None). Raises ``WhiteningError`` for fewer than 2 frames, dims outside [1, D], ZCA with dims < D, a bad mode, or
-    non-finite moments."""
+    None) among those the frames span (module docstring: rank rule); fewer than asked is not an error, see
+    ``Whitening.dims`` against ``requested_dims``.
+
+    Args:
+        acc: moments of the fitting frames.
+        dims: components to keep at most; None keeps every component the data spans.
+        epsilon: variance floor as a fraction of the mean eigenvalue (>= 0).
+        mode: "pca" or "zca".
+        shrinkage: "oas" (Oracle Approximating Shrinkage from the moments) or a fixed s in [0, 1].
+    Raises:
+        WhiteningError: fewer than 2 frames, dims outside [1, D], a bad mode or shrinkage, non-finite moments, or
+            frames that do not vary at all.
+    """
     if mode not in MODES:
         raise WhiteningError(f"unknown whitening mode {mode!r}; expected one of {MODES}")
     if acc.count < 2:
         raise WhiteningError(f"fitting a whitening needs at least 2 frames, the accumulator has {acc.count}")
     D = acc.dim
-    dims = D if dims is None else int(dims)
-    if not 1 <= dims <= D:
+    requested = D if dims is None else int(dims)
+    if not 1 <= requested <= D:
         raise WhiteningError(f"dims must be between 1 and the feature dimension {D}, got {dims}")
-    if mode == "zca" and dims != D:
+    if mode == "zca" and dims is not None and requested != D:
         raise WhiteningError(f"ZCA whitening keeps all components: dims must be {D} (or None), got {dims}")
     cov = acc.covariance(ddof=1)
     if not np.all(np.isfinite(cov)):
         raise WhiteningError("the accumulated covariance has non-finite entries (NaN or inf in the input frames)")
     values, vectors = np.linalg.eigh(cov)  # ascending
-    order = np.argsort(values)[::-1][:dims]
-    # Tiny negative eigenvalues are rounding noise of a rank-deficient covariance.
-    eigenvalues = np.clip(values[order], 0.0, None)
-    components = vectors[:, order].T.copy()  # (dims, D)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    total = float(np.clip(values, 0.0, None).sum())
+    if not values[0] > 0:
+        raise WhiteningError(f"all {acc.count} frames are identical: there is no direction to whiten")
+    spanned = int(np.count_nonzero(values > RANK_RTOL * values[0]))
+    keep = min(requested, spanned, acc.count - 1)
+    s = oas_shrinkage(values, acc.count) if shrinkage == "oas" else _fixed_shrinkage(shrinkage)
+    eigenvalues = values[:keep].copy()
+    components = vectors[:, :keep].T.copy()  # (keep, D)
     peak = np.argmax(np.abs(components), axis=1)
-    components *= np.where(components[np.arange(dims), peak] < 0, -1.0, 1.0)[:, None]
-    total = float(np.trace(cov))
-    ratio = eigenvalues / total if total > 0 else np.zeros_like(eigenvalues)
+    components *= np.where(components[np.arange(keep), peak] < 0, -1.0, 1.0)[:, None]
     return Whitening(mean=acc.mean.copy(), components=components, eigenvalues=eigenvalues,
-                     explained_variance_ratio=ratio, epsilon=epsilon, mode=mode, count=acc.count)
+                     explained_variance_ratio=eigenvalues / total, epsilon=epsilon, mode=mode, count=acc.count,
+                     shrinkage=s, mean_eigenvalue=total / D, requested_dims=requested)
+
+
+def oas_shrinkage(eigenvalues: np.ndarray, count: int) -> float:
+    """Oracle Approximating Shrinkage (Chen, Wiesel, Eldar and Hero 2010) in scikit-learn's form, from the
+    eigenvalues of the unbiased covariance of ``count`` frames: with S the maximum-likelihood covariance, mu =
+    tr(S) / D and a = tr(S^2) / D^2, s = min(1, (a + mu^2) / ((count + 1) (a - mu^2 / D)))."""
+    D = eigenvalues.shape[0]
+    ml = np.clip(eigenvalues, 0.0, None) * ((count - 1) / count)  # the ML (ddof=0) covariance's spectrum
+    mu = ml.sum() / D
+    a = float((ml ** 2).sum()) / D ** 2
+    den = (count + 1) * (a - mu ** 2 / D)
+    return 1.0 if den <= 0 else float(min((a + mu ** 2) / den, 1.0))
+
+
+def _fixed_shrinkage(value) -> float:
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise WhiteningError(f"shrinkage must be 'oas' or a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= s <= 1.0:
+        raise WhiteningError(f"shrinkage must lie in [0, 1], got {s}")
+    return s
+
+
+def _from_version_1(a: Mapping[str, np.ndarray]) -> dict:
+    """Version 1 files added an absolute epsilon and did not shrink; the same transform in version 2 terms."""
+    ratio, eig = np.asarray(a["explained_variance_ratio"], np.float64), np.asarray(a["eigenvalues"], np.float64)
+    nz = np.flatnonzero(ratio > 0)
+    total = float(eig[nz[0]] / ratio[nz[0]]) if nz.size else float(eig.sum())
+    mu = total / np.asarray(a["mean"]).shape[0]
+    eps = float(a["epsilon"])
+    return {"shrinkage": 0.0, "mean_eigenvalue": mu, "epsilon": eps / mu if mu > 0 else eps,
+            "requested_dims": int(a["dims"])}
 
 
 # -- one file for all features ---------------------------------------------------------------------------------
@@ -377,7 +474,7 @@ class WhiteningSet:
 
 def fit_whitening_set(accumulators: Mapping[str, MomentAccumulator],
                       dims: Mapping[str, int | None] | int | None = None, epsilon: float = 1e-4,
-                      mode: str = "pca") -> WhiteningSet:
+                      mode: str = "pca", shrinkage: str | float = "oas") -> WhiteningSet:
     """Fit one whitening per feature. ``dims``: one value for every feature, a per-feature mapping (features not in
     it keep all components), or None (all components everywhere)."""
     if isinstance(dims, Mapping):
@@ -391,7 +488,7 @@ def fit_whitening_set(accumulators: Mapping[str, MomentAccumulator],
     out = {}
     for name, acc in accumulators.items():
         try:
-            out[name] = fit_whitening(acc, per[name], epsilon=epsilon, mode=mode)
+            out[name] = fit_whitening(acc, per[name], epsilon=epsilon, mode=mode, shrinkage=shrinkage)
         except WhiteningError as e:
             raise WhiteningError(f"feature {name!r}: {e}") from None
     return WhiteningSet(out)
@@ -434,7 +531,7 @@ def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if "version" not in arrays:
         raise WhiteningError(f"{path} has no format version; not a whitening file")
     version = int(arrays["version"])
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION):
         raise WhiteningError(f"{path} has whitening format version {version}; this code reads version "
                              f"{FORMAT_VERSION}")
     return arrays

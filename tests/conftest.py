@@ -8,9 +8,9 @@ import pytest
 
 import model  # noqa: F401  (must precede TensorFlow: see model/__init__.py)
 
-# shared/ lies beside the checkout (in CI too); YT8M_REAL_DATA overrides.
-REAL_DATA = Path(os.environ.get("YT8M_REAL_DATA",
-                                Path(__file__).resolve().parents[2] / "shared" / "data" / "yt8m_real"))
+# Two genuine YouTube-8M video-level shards ship with the tests (see data/yt8m_real/README.md); YT8M_REAL_DATA
+# points the real-data tests at another folder.
+REAL_DATA = Path(os.environ.get("YT8M_REAL_DATA", Path(__file__).resolve().parent / "data" / "yt8m_real"))
 
 
 @pytest.fixture(scope="session")

@@ -134,7 +134,7 @@ def test_mismatched_merge_or_add_raises(bad):
 @pytest.mark.parametrize("dims", [None, 3])
 def test_fit_matches_sklearn_pca_whiten(dims):
     x = correlated(2000, 7, seed=8, offset=1e4)
-    w = fit_whitening(MomentAccumulator.of(x), dims=dims, epsilon=0.0)
+    w = fit_whitening(MomentAccumulator.of(x), dims=dims, epsilon=0.0, shrinkage=0.0)
     k = dims or 7
     sk = PCA(n_components=k, whiten=True, svd_solver="full").fit(x)
     assert w.dims == k and w.count == 2000
@@ -160,25 +160,34 @@ def test_sign_convention_largest_entry_positive_and_reproducible():
 
 def test_whitened_training_frames_have_zero_mean_identity_covariance():
     x = correlated(4000, 6, seed=10, offset=300.0)
-    w = fit_whitening(MomentAccumulator.of(x), epsilon=0.0)
+    w = fit_whitening(MomentAccumulator.of(x), epsilon=0.0, shrinkage=0.0)
     z = w.transform(x, dtype=np.float64)
     np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-10)
     np.testing.assert_allclose(np.cov(z, rowvar=False), np.eye(6), atol=1e-10)
 
 
-def test_epsilon_shrinks_variances_to_lambda_over_lambda_plus_eps():
+@pytest.mark.parametrize("shrinkage", [0.0, 0.3])
+def test_variances_are_shrunk_toward_mu_plus_relative_epsilon(shrinkage):
     x = correlated(4000, 5, seed=11)
     eps = 0.5
-    w = fit_whitening(MomentAccumulator.of(x), epsilon=eps)
+    w = fit_whitening(MomentAccumulator.of(x), epsilon=eps, shrinkage=shrinkage)
+    lam = np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1]
+    mu = lam.mean()  # trace / D
+    assert w.mean_eigenvalue == pytest.approx(mu, rel=1e-12)
+    expected = (1 - shrinkage) * lam + (shrinkage + eps) * mu
     cov = np.cov(w.transform(x, dtype=np.float64), rowvar=False)
-    np.testing.assert_allclose(cov, np.diag(w.eigenvalues / (w.eigenvalues + eps)), atol=1e-10)
+    np.testing.assert_allclose(cov, np.diag(lam / expected), atol=1e-10)
+    # scale-free: the same frames in other units whiten to the same values
+    w1000 = fit_whitening(MomentAccumulator.of(x * 1000.0), epsilon=eps, shrinkage=shrinkage)
+    np.testing.assert_allclose(w1000.transform(x * 1000.0, dtype=np.float64), w.transform(x, dtype=np.float64),
+                               atol=1e-8)
 
 
 def test_zca_is_symmetric_identity_covariance_and_pca_rotated_back():
     x = correlated(3000, 5, seed=12, offset=-20.0)
     acc = MomentAccumulator.of(x)
-    zca = fit_whitening(acc, epsilon=0.0, mode="zca")
-    pca = fit_whitening(acc, epsilon=0.0, mode="pca")
+    zca = fit_whitening(acc, epsilon=0.0, mode="zca", shrinkage=0.0)
+    pca = fit_whitening(acc, epsilon=0.0, mode="pca", shrinkage=0.0)
     np.testing.assert_allclose(zca.projection, zca.projection.T, atol=1e-12)
     z = zca.transform(x, dtype=np.float64)
     assert z.shape == (3000, 5) and zca.output_dim == 5
@@ -227,7 +236,8 @@ def test_transform_rejects_wrong_width():
 def _assert_same(a: Whitening, b: Whitening):
     for name in ("mean", "components", "eigenvalues", "explained_variance_ratio"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    assert (a.mode, a.epsilon, a.count, a.dims) == (b.mode, b.epsilon, b.count, b.dims)
+    assert (a.mode, a.epsilon, a.count, a.dims, a.shrinkage, a.mean_eigenvalue, a.requested_dims) == (
+        b.mode, b.epsilon, b.count, b.dims, b.shrinkage, b.mean_eigenvalue, b.requested_dims)
 
 
 @pytest.mark.parametrize("mode", ["pca", "zca"])
@@ -295,9 +305,9 @@ def test_fit_whitening_set_bad_dims(dims):
 def test_unknown_version_and_foreign_files_are_rejected(tmp_path):
     w = fit_whitening(MomentAccumulator.of(correlated(50, 3, seed=20)))
     arrays = dict(w._arrays())
-    np.savez(tmp_path / "v2.npz", version=np.array(2), **arrays)
-    with pytest.raises(WhiteningError, match="version 2"):
-        Whitening.load(tmp_path / "v2.npz")
+    np.savez(tmp_path / "v3.npz", version=np.array(3), **arrays)
+    with pytest.raises(WhiteningError, match="version 3"):
+        Whitening.load(tmp_path / "v3.npz")
     np.savez(tmp_path / "nover.npz", **arrays)
     with pytest.raises(WhiteningError, match="version"):
         Whitening.load(tmp_path / "nover.npz")
@@ -309,3 +319,99 @@ def test_unknown_version_and_foreign_files_are_rejected(tmp_path):
     w.save(tmp_path / "single.npz")
     with pytest.raises(WhiteningError, match="single whitening"):
         WhiteningSet.load(tmp_path / "single.npz")
+
+
+# -- few frames: rank rule and shrinkage -------------------------------------------------------------------------
+def test_version_1_files_load_to_the_same_transform(tmp_path):
+    x = correlated(300, 6, seed=21, offset=3.0)
+    acc = MomentAccumulator.of(x)
+    eps_abs = 0.05
+    # what version 1 wrote: raw eigenvalues plus an absolute epsilon, no shrinkage
+    v2 = fit_whitening(acc, dims=4, epsilon=0.0, shrinkage=0.0)
+    arrays = {k: v for k, v in v2._arrays().items() if k not in ("shrinkage", "mean_eigenvalue", "requested_dims")}
+    arrays["epsilon"] = np.array(eps_abs)
+    np.savez(tmp_path / "v1.npz", version=np.array(1), **arrays)
+    back = Whitening.load(tmp_path / "v1.npz")
+    expected = (x - x.mean(axis=0)) @ v2.components.T / np.sqrt(v2.eigenvalues + eps_abs)
+    np.testing.assert_allclose(back.transform(x, dtype=np.float64), expected, atol=1e-10)
+    assert back.shrinkage == 0.0 and back.requested_dims == 4
+
+
+def test_oas_shrinkage_equals_scikit_learn():
+    from sklearn.covariance import OAS
+
+    for n, d, seed in [(20, 50, 22), (300, 40, 23), (5000, 8, 24)]:
+        x = correlated(n, d, seed=seed, offset=7.0)
+        w = fit_whitening(MomentAccumulator.of(x))
+        assert w.shrinkage == pytest.approx(OAS().fit(x).shrinkage_, rel=1e-9, abs=1e-12), (n, d)
+    assert w.shrinkage < 0.01  # 5000 frames of 8 dims: next to no shrinkage
+
+
+def _heldout_ratio(w: Whitening, train: np.ndarray, heldout: np.ndarray) -> float:
+    return float(w.transform(heldout, dtype=np.float64).std() / w.transform(train, dtype=np.float64).std())
+
+
+@pytest.mark.parametrize("shrinkage", ["oas", 0.0])
+def test_fewer_frames_than_dims_keep_only_the_spanned_directions(shrinkage):
+    d = 50
+    x = correlated(220, d, seed=25)
+    train, heldout = x[:20], x[20:]
+    w = fit_whitening(MomentAccumulator.of(train), shrinkage=shrinkage)
+    assert (w.dims, w.requested_dims) == (19, d)  # 20 centered frames span 19 directions
+    np.testing.assert_allclose(w.components @ w.components.T, np.eye(19), atol=1e-10)
+    # Before the rank rule every null direction was divided by sqrt(epsilon): held-out frames came out ~100x
+    # larger than training frames.
+    assert 0.5 < _heldout_ratio(w, train, heldout) < 2.0
+    radius = np.linalg.norm(heldout - w.mean, axis=1).max()
+    assert np.abs(w.transform(heldout, dtype=np.float64)).max() <= w.output_bound(radius)
+    legacy = Whitening(w.mean, *_all_components(train), epsilon=1e-4 / w.mean_eigenvalue,
+                       mean_eigenvalue=w.mean_eigenvalue)
+    assert _heldout_ratio(legacy, train, heldout) > 20  # the defect this guards against
+
+
+def _all_components(x: np.ndarray):
+    values, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
+    values = np.clip(values[::-1], 0.0, None)
+    return vectors[:, ::-1].T, values, values / values.sum()
+
+
+def test_exactly_collinear_features_drop_the_empty_direction():
+    base = correlated(1000, 5, seed=26)
+    x = np.column_stack([base, base[:, 0] - 2.0 * base[:, 3], np.full(1000, 4.0)])  # 7 columns, rank 5
+    w = fit_whitening(MomentAccumulator.of(x), shrinkage=0.0, epsilon=0.0)
+    assert (w.dims, w.requested_dims) == (5, 7)
+    np.testing.assert_allclose(np.cov(w.transform(x, dtype=np.float64), rowvar=False), np.eye(5), atol=1e-9)
+    # a new frame off the training span is not amplified: its off-span part is dropped, not divided by ~0
+    probe = x[:1].copy()
+    probe[0, 6] += 1.0
+    assert np.abs(w.transform(probe, dtype=np.float64) - w.transform(x[:1], dtype=np.float64)).max() < 1e-9
+    with pytest.raises(WhiteningError, match="identical"):
+        fit_whitening(MomentAccumulator.of(np.ones((10, 3))))
+
+
+def test_real_video_level_shards_whiten_held_out_videos_like_training_ones(real_video_features):
+    """243 genuine videos fit 1024 rgb + 128 audio dims; the other shard's 251 videos stay on the same scale."""
+    train, heldout = real_video_features
+    for name in ("rgb", "audio"):
+        w = fit_whitening(MomentAccumulator.of(train[name]))
+        assert w.dims <= len(train[name]) - 1
+        a, b = w.transform(train[name], dtype=np.float64), w.transform(heldout[name], dtype=np.float64)
+        assert 0.5 < b.std() / a.std() < 2.0, name
+        # documented bound: |z| <= |x - mean| / sqrt(min variance); dequantized values lie in [-2, 2]
+        radius = np.linalg.norm(np.maximum(np.abs(-2.0 - w.mean), np.abs(2.0 - w.mean)))
+        assert np.abs(b).max() <= w.output_bound(np.linalg.norm(heldout[name] - w.mean, axis=1).max())
+        assert np.abs(b).max() <= w.output_bound(radius)
+        assert np.abs(b).max() < 50.0, name  # seen: rgb 9.0, audio 8.4
+
+
+@pytest.fixture(scope="module")
+def real_video_features():
+    from conftest import REAL_DATA
+    from pipeline.records import decode_example
+    from pipeline.tfrecord import read_records
+
+    def load(name):
+        recs = [decode_example(b) for _, b in read_records(str(REAL_DATA / name))]
+        return {f: np.concatenate([r.features(f) for r in recs]) for f in ("rgb", "audio")}
+
+    return load("validate0067.tfrecord"), load("validate0076.tfrecord")
