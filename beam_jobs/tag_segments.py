@@ -201,7 +201,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the Parquet tag files (local or gs://)")
     p.add_argument("--top-k", type=int, default=20, help="classes kept per segment")
     p.add_argument("--classes", default=None, metavar="FILE",
-                   help="class ids to tag (segment_label_ids.csv format); default: all classes")
+                   help="class ids to tag (segment_label_ids.csv format); default: all model classes, as "
+                        "model.tag_segments does for its Parquet rows (this job writes no Class,Segments CSV)")
     p.add_argument("--scorer", choices=SCORERS, default=DEFAULT_SCORER, help="see model.segments")
     p.add_argument("--batch-size", type=int, default=32, help="most videos per inference batch")
     p.add_argument("--device", default="auto", help="auto (CUDA on GPU workers), cpu, cuda, cuda:N")

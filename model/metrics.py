@@ -658,14 +658,17 @@ class SegmentMapReport:
     map: float
     per_class_ap: dict[int, float]
     k: int
-    classes: int = 0  # classes in the submission (the mean runs over them)
-    classes_without_positives: list[int] = field(default_factory=list)  # AP 0, still in the mean
+    classes: int = 0  # classes in the submission
+    scored_classes: int = 0  # submitted classes with at least one positive rating: the mean runs over them
+    classes_without_positives: list[int] = field(default_factory=list)  # submitted, no positive: not in the mean
     rated_classes_not_submitted: int = 0  # not in the mean (the official definition)
+    positives: int = 0  # positive ratings of the scored classes (the AP denominators), hittable or not
     predictions: int = 0  # submitted (class, segment) entries within the first k of each class
     truncated: int = 0  # entries past the first k, ignored
     unrated: int = 0  # within k but not rated for that class: neither hit nor miss
     duplicates: int = 0  # a segment repeated within a class's list: only its first occurrence counts
     hits: int = 0  # positively rated predictions
+    windows: int = 0  # windows ranked, when the submission came from a model (``model.segments``)
 
 
 def segment_map_report(submission: Mapping[int, Sequence[tuple[Any, Any]]],
@@ -673,12 +676,18 @@ def segment_map_report(submission: Mapping[int, Sequence[tuple[Any, Any]]],
     """Segment MAP@K of the 2019 challenge.
 
     For each class of ``submission`` (class id -> segments ``(video_id, start_time)``, best first) only the
-    first ``k`` entries count. Entries not rated for that class are dropped (neither hit nor miss); so is a
-    repeat of an earlier entry. Over the remaining list, ``AP_c = sum_i P(i) rel(i) / (positively rated segments
-    of class c)``; MAP is the mean of AP_c over the classes in the submission. A submitted class without any
-    positive rating (unrated, or rated only negative) has AP 0 and still counts in the mean: the definition
-    leaves 0/0 open, and 0 is the choice that never rewards submitting classes that cannot be scored. Rated
-    classes missing from the submission are not in the mean (counted in the report). An empty submission -> 0.
+    first ``k`` entries count (the cut comes first, the filtering below after it). Entries not rated for that
+    class are dropped (neither hit nor miss); so is a repeat of an earlier entry. Over the remaining list,
+    ``AP_c = sum_i P(i) rel(i) / N_c`` with N_c = every positively rated segment of class c in ``ratings``,
+    including ratings that no submission can hit (segments starting past their video's last frame: they stay in
+    the shards and in ``ratings`` for exactly this reason).
+
+    MAP is the mean of AP_c over the classes that are in the submission *and* have at least one positive rating.
+    A submitted class without a positive (unrated, or rated only negative) has AP = 0/0: the official 2019
+    calculator skips such classes (it only builds AP for classes with a positive in the ground truth), so they are
+    left out of the mean here too and listed in ``classes_without_positives`` (``per_class_ap`` omits them).
+    Rated classes missing from the submission are not in the mean either (``rated_classes_not_submitted``).
+    An empty submission, or one whose classes have no positive, -> 0.
     """
     if k < 1:
         raise MetricsError(f"k must be >= 1, got {k}")
@@ -710,12 +719,13 @@ def segment_map_report(submission: Mapping[int, Sequence[tuple[Any, Any]]],
                 hits += 1
                 precision_sum += hits / kept
         rep.hits += hits
-        if total == 0:
+        if total == 0:  # AP 0/0: not in the mean (official)
             rep.classes_without_positives.append(cls)
-            rep.per_class_ap[cls] = 0.0
         else:
             rep.per_class_ap[cls] = precision_sum / total
+            rep.positives += total
     rep.classes = len(submitted)
+    rep.scored_classes = len(rep.per_class_ap)
     rep.rated_classes_not_submitted = sum(1 for c in ratings if int(c) not in submitted)
     rep.classes_without_positives.sort()
     if rep.per_class_ap:

@@ -35,7 +35,9 @@ Public API (also used by ``beam_jobs.tag_segments`` and ``model.explain``):
         -> [(start_time, class, score), ...] ranked by segment then score (a list of such lists for a batch)
     TopSegmentsPerClass(classes, max_per_class).add(video_ids, start_times, scores (N, C)); .ranked() -> {class: [(vid, start)]}
     segment_training_examples(batch, num_classes) -> SegmentExamples (5-frame windows of rated segments + targets + ignore mask)
-    rated_segment_map(model, loader, device, scorer) -> SegmentMapReport  # MAP over the rated segments of a loader
+    rated_segment_map(model, loader, device, scorer, k, ratings=None, classes=None) -> SegmentMapReport
+        # segment MAP@k of the model: every window ranked per class, scored as the challenge scores a submission
+    read_segment_ratings(data) -> SegmentRatings; rated_classes(data) -> int64 (C,)
 
 ``score_video_segments`` is a pure function of (model, frames): it does not touch the model's mode, so call
 ``model.eval()`` first (batch-norm statistics), and it runs under ``torch.no_grad``.
@@ -51,7 +53,7 @@ import torch
 import torch.nn as nn
 
 from model.heads import MeanPoolHead
-from model.metrics import SegmentMapReport, SegmentRatings, as_str_id, segment_map_report
+from model.metrics import SEGMENT_TOP_K, SegmentMapReport, SegmentRatings, as_str_id, segment_map_report
 from pipeline.errors import Yt8mError
 
 SEGMENT_FRAMES = 5
@@ -390,7 +392,8 @@ class SegmentExamples:
 
     x: (N, 5, D) frames (zero after a partial window's end), mask (N, 5), targets (N, K) 1/0 at rated classes,
     ignore (N, K) True at unrated classes (the loss must skip them), ids / start_times (N,), and
-    ``dropped``: ratings whose start time lies at or past the video's last frame (counted, not trained on).
+    ``dropped``: ratings whose start time lies outside the video's frames (at or past its last frame): counted,
+    not trained on (they stay in the shards, where the segment MAP counts them as unhittable positives).
     """
 
     x: torch.Tensor
@@ -438,55 +441,116 @@ def segment_training_examples(batch: Mapping[str, Any], num_classes: int) -> Seg
     return SegmentExamples(xs, ms, targets.to(x.device), ignore.to(x.device), ids, starts_out, dropped)
 
 
-@torch.no_grad()
-def rated_segment_scores(model: nn.Module, loader: Iterable[Mapping[str, Any]], device: torch.device,
-                         scorer: str = DEFAULT_SCORER) -> tuple[SegmentRatings, dict[int, list], int]:
-    """Scores of the rated (segment, class) pairs of every video the loader yields.
+# One code path for the segment MAP of a model: ``model.evaluate --segments`` and the validation that picks
+# ``best.pt`` in ``model.train_video --segment-labels`` both call ``rated_segment_map`` with the ratings read from
+# the shards, so they give the same number for the same checkpoint (tests/test_train_video.py).
 
-    Returns (ratings, {class: [(score, video id, start)]}, dropped ratings). Ranking only the rated segments
-    gives the same segment MAP as ranking every window: unrated predictions are dropped by the metric anyway.
-    """
+
+def read_segment_ratings(data: str) -> SegmentRatings:
+    """Every segment rating of the shards under ``data`` (only the id and segment columns are read), also those
+    that start past their video's last frame: the metric counts them (see ``segment_map_report``).
+    Raises ``DataError`` when a shard has no segment columns."""
+    from model.data import DataError
+    from pipeline import shards as shard_io
+
     ratings = SegmentRatings()
-    scored: dict[int, list] = {}
-    dropped = 0
+    for path in shard_io.list_shards(str(data)):
+        if not shard_io.read_shard_info(path).has_segments:
+            raise DataError(f"{path} has no segment columns: segment MAP needs segment-rated data "
+                            f"(e.g. the 2019 validate split)")
+        cols = ["id", "segment_start_times", "segment_labels", "segment_scores"]
+        for batch in shard_io.iter_batches(path, columns=cols):
+            d = batch.to_pydict()
+            for vid, starts, labels, scores in zip(d["id"], d["segment_start_times"], d["segment_labels"],
+                                                   d["segment_scores"]):
+                ratings.add_video(vid, starts or [], labels or [], scores or [])
+    return ratings
+
+
+def rated_classes(data: str) -> np.ndarray:
+    """Ascending ids of the classes that carry at least one segment rating in the shards under ``data``
+    (positive or negative); empty when no shard has segment columns (test data, video-level data)."""
+    from pipeline import shards as shard_io
+
+    found: set[int] = set()
+    for path in shard_io.list_shards(str(data)):
+        if not shard_io.read_shard_info(path).has_segments:
+            continue
+        for batch in shard_io.iter_batches(path, columns=["segment_labels"]):
+            found.update(int(c) for c in batch.column("segment_labels").flatten().to_pylist())
+    return np.array(sorted(found), dtype=np.int64)
+
+
+def ratings_from_loader(loader: Iterable[Mapping[str, Any]]) -> SegmentRatings:
+    """The ratings a loader made with ``segment_labels=True`` carries, all of them (a pass over the data)."""
+    ratings = SegmentRatings()
     for batch in loader:
-        x = batch["x"].to(device)
-        mask = batch["mask"].to(device)
-        result = score_segments(model, x, mask, scorer)
-        scores = result.scores.cpu().numpy()  # (B, S, K)
-        lengths = batch["mask"].sum(dim=1).tolist()
+        if "segment_labels" not in batch:
+            raise SegmentError("the loader yields no segment ratings (make it with segment_labels=True)")
         for b, vid in enumerate(batch["ids"]):
-            starts = np.asarray(batch["segment_start_times"][b]).reshape(-1)
-            labels = np.asarray(batch["segment_labels"][b]).reshape(-1)
-            rates = np.asarray(batch["segment_scores"][b]).reshape(-1)
-            for start, cls, rate in zip(starts.tolist(), labels.tolist(), rates.tolist()):
-                if start < 0 or start >= lengths[b] or start % SEGMENT_FRAMES:
-                    dropped += 1
-                    continue
-                before = ratings.num_ratings
-                ratings.add(vid, start, cls, rate)
-                if ratings.num_ratings > before:
-                    value = float(scores[b, start // SEGMENT_FRAMES, cls]) if cls < scores.shape[2] else -math.inf
-                    scored.setdefault(int(cls), []).append((value, as_str_id(vid), int(start)))
-    return ratings, scored, dropped
+            ratings.add_video(vid, batch["segment_start_times"][b], batch["segment_labels"][b],
+                              batch["segment_scores"][b])
+    return ratings
+
+
+@torch.no_grad()
+def rank_segments(model: nn.Module, loader: Iterable[Mapping[str, Any]], device: torch.device,
+                  classes: Sequence[int], k: int, scorer: str = DEFAULT_SCORER
+                  ) -> tuple[dict[int, list[tuple[str, int]]], int]:
+    """Per class of ``classes``, its ``k`` best windows over every window of every video of ``loader`` (what a
+    submission holds): ``({class: [(video id, start)]}, windows ranked)``. Ties: loader order. Runs the model
+    as it is (call ``model.eval()`` first) under the device's autocast."""
+    from model.device import autocast
+
+    classes = np.asarray(classes, dtype=np.int64)
+    top = TopSegmentsPerClass(classes, k)
+    index = torch.as_tensor(classes, device=device)
+    for batch in loader:
+        x = batch["x"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        with autocast(device):
+            scored = score_segments(model, x, mask, scorer)
+        if int(classes.max()) >= scored.scores.shape[-1]:
+            raise SegmentError(f"class {int(classes.max())} is outside the model's {scored.scores.shape[-1]} "
+                               f"classes")
+        b_idx, s_idx = np.nonzero(scored.valid.cpu().numpy())  # valid windows in (video, time) order
+        sel = scored.scores.index_select(-1, index).float().cpu().numpy()[b_idx, s_idx]  # (n, C)
+        top.add([batch["ids"][b] for b in b_idx.tolist()], scored.start_times[s_idx], sel)
+    return top.ranked(), top.segments_seen
 
 
 def rated_segment_map(model: nn.Module, loader: Iterable[Mapping[str, Any]], device: torch.device,
-                      scorer: str = DEFAULT_SCORER, k: int = 100_000) -> SegmentMapReport:
-    """Segment MAP@k over the rated segments of ``loader`` (``segment_labels=True``), every rated class
-    submitted; ties in score keep loader order. ``report.dropped`` counts ratings past a video's end."""
+                      scorer: str = DEFAULT_SCORER, k: int = SEGMENT_TOP_K, ratings: SegmentRatings | None = None,
+                      classes: Sequence[int] | None = None) -> SegmentMapReport:
+    """Segment MAP@k of a model exactly as the 2019 challenge scores a submission built from it.
+
+    Every window of every video of ``loader`` is ranked per class (``rank_segments``: the ``k`` best per class,
+    rated or not, so the cut at k applies as in a submission), then ``segment_map_report`` scores the ranking
+    against ``ratings``: unrated windows are dropped, positive ratings that no window can hit (a segment starting
+    past its video's last frame, or past the loader's ``max_frames``) still count in the denominators, and only
+    submitted classes with a positive rating enter the mean.
+
+    Args:
+        ratings: the ground truth; default: every rating the loader's batches carry (one extra pass; the loader
+            must be made with ``segment_labels=True``). ``model.evaluate`` and ``model.train_video`` pass the
+            ratings of the shards (``read_segment_ratings``), which are the same set.
+        classes: classes to rank (the submission's classes); default: every rated class of ``ratings``.
+    The model is put in eval mode for the ranking and its mode restored after.
+    ``report.windows`` counts the windows ranked.
+    """
+    if ratings is None:
+        ratings = ratings_from_loader(loader)
+    classes = np.array(sorted(ratings) if classes is None else classes, dtype=np.int64).reshape(-1)
+    if classes.size == 0:
+        return segment_map_report({}, ratings, k)
     was_training = model.training
     model.eval()
     try:
-        ratings, scored, dropped = rated_segment_scores(model, loader, device, scorer)
+        submission, windows = rank_segments(model, loader, device, classes, k, scorer)
     finally:
         model.train(was_training)
-    submission = {}
-    for cls, rows in scored.items():
-        order = sorted(range(len(rows)), key=lambda i: -rows[i][0])  # stable: loader order within ties
-        submission[cls] = [(rows[i][1], rows[i][2]) for i in order]
     report = segment_map_report(submission, ratings, k)
-    report.dropped = dropped  # type: ignore[attr-defined]
+    report.windows = windows
     return report
 
 

@@ -10,6 +10,12 @@ the ``--top-k`` classes of each window (restricted to ``--classes`` when given),
 not grow with the corpus. ``--kaggle-csv`` also writes the 2019 challenge submission (``Class,Segments``, per class
 its ``--max-per-class`` best windows) from bounded per-class top lists. ``OUT/config.json`` holds the resolved
 flags, ``OUT/summary.json`` the counts and timing.
+
+Classes of the submission: ``--classes`` when given (for the challenge: its ``segment_label_ids.csv``), else the
+classes that carry segment ratings in ``--data``; data without ratings (the test split) then needs ``--classes``.
+Listing every model class instead (the old default) writes a file almost 4x larger that the challenge format
+does not allow (only segment-rated classes), and any scorer that averages over every listed class rates it at about
+rated/3862 of its MAP. Without ``--classes`` the Parquet rows still rank all model classes.
 """
 from __future__ import annotations
 
@@ -29,8 +35,8 @@ from tqdm import tqdm
 from model.data import DataError, make_loader
 from model.device import autocast, resolve_device
 from model.metrics import SEGMENT_TOP_K
-from model.segments import (DEFAULT_SCORER, SCORERS, SegmentError, TopSegmentsPerClass, read_class_ids,
-                            score_segments, top_classes)
+from model.segments import (DEFAULT_SCORER, SCORERS, SegmentError, TopSegmentsPerClass, rated_classes,
+                            read_class_ids, score_segments, top_classes)
 from model.submission import write_segment_submission
 
 TAG_SCHEMA = pa.schema([("id", pa.string()), ("start_time", pa.int32()), ("class", pa.int32()),
@@ -129,12 +135,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=20, help="classes kept per segment in the Parquet rows")
     p.add_argument("--classes", default=None, metavar="FILE",
                    help="class ids to tag (segment_label_ids.csv format: header Index, one id per line); "
-                        "default: all classes")
+                        "default: all model classes for the Parquet rows, and for --kaggle-csv the classes that "
+                        "carry segment ratings in --data (data without ratings, e.g. the test split, then needs "
+                        "--classes)")
     p.add_argument("--scorer", choices=SCORERS, default=DEFAULT_SCORER,
                    help="frames: the model on each window's frames; context: video probability x attention "
                         "density (see model.segments)")
     p.add_argument("--kaggle-csv", default=None, metavar="FILE",
-                   help="also write the segment challenge submission (Class,Segments)")
+                   help="also write the segment challenge submission (Class,Segments) for --classes, by default "
+                        "the classes rated in --data")
     p.add_argument("--max-per-class", type=int, default=SEGMENT_TOP_K, help="segments per class in --kaggle-csv")
     p.add_argument("--rows-per-file", type=int, default=5_000_000)
     p.add_argument("--batch-size", type=int, default=32, help="videos per batch")
@@ -158,17 +167,28 @@ def main(args) -> dict:
     if classes.max() >= num_classes:
         raise SegmentError(f"{args.classes} lists class {int(classes.max())}, but the model has {num_classes}")
     restrict = torch.as_tensor(classes, device=device) if args.classes else None
+    csv_classes = classes
+    if args.kaggle_csv and not args.classes:
+        csv_classes = rated_classes(args.data)
+        if csv_classes.size == 0:
+            raise SegmentError(f"{args.data} carries no segment rating, so --kaggle-csv cannot default to its "
+                               f"rated classes: give --classes (the challenge's segment_label_ids.csv)")
+        if csv_classes.max() >= num_classes:
+            raise SegmentError(f"{args.data} rates class {int(csv_classes.max())}, but the model has {num_classes}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in sorted(vars(args).items())}
     config.update(resolved_device=str(device), num_classes=num_classes, tracked_classes=int(classes.size))
+    if args.kaggle_csv:
+        config.update(kaggle_csv_classes=int(csv_classes.size),
+                      kaggle_csv_class_source=args.classes or "classes rated in --data")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     loader = make_loader(args.data, batch_size=args.batch_size, workers=args.workers, features=features,
                          num_classes=num_classes, max_frames=train_args["max_frames"], shuffle=False,
                          device=device)
-    top = TopSegmentsPerClass(classes, args.max_per_class) if args.kaggle_csv else None
-    class_index = torch.as_tensor(classes, device=device)
+    top = TopSegmentsPerClass(csv_classes, args.max_per_class) if args.kaggle_csv else None
+    class_index = torch.as_tensor(csv_classes, device=device)
     videos = segments = 0
     t0 = time.perf_counter()
     bar = tqdm(total=info.num_videos, unit="video", desc="tagging", dynamic_ncols=True,

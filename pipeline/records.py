@@ -58,6 +58,9 @@ class VideoRecord:
     Frame level keeps the quantized uint8 matrices ``(T, D)``; video level keeps the float32 means as ``(1, D)``.
     Segment arrays are all ``None`` or all of one length; ``segment_start_times[i]`` is the first frame of a
     5-frame segment rated ``segment_scores[i]`` (1 positive, 0 negative) for class ``segment_labels[i]``.
+    Every rating of the record is kept, also those that start outside the video's (kept) frames: the official
+    segment evaluation counts such a positive rating in its class's denominator although no submission can hit
+    it. ``segments_past_end`` counts them; ``segment_outside_frames`` says which they are.
 
     Args:
         id: video id (4 characters in 2018+ data).
@@ -69,7 +72,6 @@ class VideoRecord:
         segment_scores: float32 (S,) or None.
         level: "frame" or "video".
         truncated_frames: frames cut off past ``max_frames`` while decoding.
-        dropped_segments: rated segments dropped because they start outside the video.
     """
 
     id: str
@@ -81,7 +83,6 @@ class VideoRecord:
     segment_scores: np.ndarray | None = None
     level: str = "frame"
     truncated_frames: int = 0
-    dropped_segments: int = 0
 
     @property
     def num_frames(self) -> int:
@@ -90,6 +91,14 @@ class VideoRecord:
     @property
     def has_segments(self) -> bool:
         return self.segment_start_times is not None
+
+    @property
+    def segments_past_end(self) -> int:
+        """Ratings whose segment starts outside the kept frames (at or past the last frame, or before frame 0):
+        kept in the record and in the shards, never trained on, unhittable positives for the segment MAP."""
+        if self.segment_start_times is None:
+            return 0
+        return int(segment_outside_frames(self.segment_start_times, self.num_frames).sum())
 
     def features(self, name: str) -> np.ndarray:
         """The (T, D) float32 matrix of feature ``name`` ("rgb" or "audio"), dequantized when stored as uint8."""
@@ -101,6 +110,17 @@ class VideoRecord:
         if value.dtype == np.uint8:
             return dequantize(value)
         return np.asarray(value, dtype=np.float32)
+
+
+def segment_outside_frames(start_times: Any, num_frames: int) -> np.ndarray:
+    """(S,) bool: True where a rated segment starts outside frames ``[0, num_frames)`` of its video.
+
+    This is how such ratings are told apart everywhere (records, Parquet rows, loader batches): no flag column,
+    the start time and the video's ``num_frames`` say it, so shards written before these ratings were kept read
+    the same way (they simply hold none).
+    """
+    starts = np.asarray(start_times).reshape(-1)
+    return (starts < 0) | (starts >= int(num_frames))
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,14 +182,14 @@ def _check_label_range(values: np.ndarray, vocab_size: int, what: str, video_id:
     return values.astype(np.int32)
 
 
-def _read_segments(context: Any, num_frames: int, vocab_size: int, video_id: str):
-    """Segment arrays (start, label, score) and the number dropped for starting outside the video.
-
-    Returns all ``None`` (and 0) when the record has no segment annotations.
+def _read_segments(context: Any, vocab_size: int, video_id: str):
+    """Segment arrays (start int32, label int32, score float32), every rating kept (also those starting
+    outside the video's frames; see ``VideoRecord``). Returns all ``None`` when the record has no segment
+    annotations.
     """
     present = [k for k in _SEGMENT_KEYS if k in context]
     if not present:
-        return None, None, None, 0
+        return None, None, None
     starts = _int_feature(context, "segment_start_times")
     ends = _int_feature(context, "segment_end_times") if "segment_end_times" in context else None
     labels = _int_feature(context, "segment_labels")
@@ -188,10 +208,9 @@ def _read_segments(context: Any, num_frames: int, vocab_size: int, video_id: str
                           f"segment {i} spans {starts[i]}..{ends[i]}, expected {SEGMENT_FRAMES} frames "
                           "(end = start + 5)", video_id)
     labels = _check_label_range(labels, vocab_size, "segment label ids", video_id)
-    # Some released records rate segments that start past their last frame; such ratings have no frames.
-    inside = (starts >= 0) & (starts < num_frames)
-    dropped = int(starts.size - inside.sum())
-    return starts[inside].astype(np.int32), labels[inside], scores[inside], dropped
+    # Some released records rate segments that start past their last frame. They stay: the official evaluation
+    # counts them (a positive one is a miss for every submission); training skips them (no frames).
+    return starts.astype(np.int32), labels, scores
 
 
 def _read_frames(feature_lists: Any, name: str, max_frames: int, video_id: str) -> tuple[np.ndarray, int]:
@@ -218,7 +237,7 @@ def decode_sequence_example(data: bytes, vocab_size: int = VOCAB_SIZE, max_frame
     """Decode one frame-level record (``tf.train.SequenceExample``), checked; raises ``RecordError``.
 
     Frames past ``max_frames`` are cut (counted in ``truncated_frames``), as the official reader does;
-    rated segments starting outside the kept frames are dropped (counted in ``dropped_segments``).
+    rated segments starting outside the kept frames are kept (counted by ``segments_past_end``).
     """
     seq = _parse(data, "SequenceExample")
     context = seq.context.feature
@@ -236,10 +255,10 @@ def decode_sequence_example(data: bytes, vocab_size: int = VOCAB_SIZE, max_frame
             raise RecordError("frame_count_mismatch",
                               f"{total} rgb frames but {audio_frames} audio frames", video_id)
         audio, _ = _read_frames(feature_lists, "audio", max_frames, video_id)
-    starts, seg_labels, scores, dropped = _read_segments(context, rgb.shape[0], vocab_size, video_id)
+    starts, seg_labels, scores = _read_segments(context, vocab_size, video_id)
     return VideoRecord(id=video_id, labels=labels, rgb=rgb, audio=audio, segment_start_times=starts,
                        segment_labels=seg_labels, segment_scores=scores, level="frame",
-                       truncated_frames=total - rgb.shape[0], dropped_segments=dropped)
+                       truncated_frames=total - rgb.shape[0])
 
 
 def _read_mean(features: Any, key: str, name: str, video_id: str) -> np.ndarray:

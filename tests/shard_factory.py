@@ -38,12 +38,14 @@ class WrittenShards:
 def write_random_shards(root: str | Path, num_videos: int, num_shards: int, dims: dict[str, int] | None = None,
                         seed: int = 0, with_segments: bool = False, num_classes: int = 20,
                         frames: tuple[int, int] = (1, 12), max_labels: int = 4, row_group_size: int = 4,
-                        dtype: str = "float16", level: str = "frame", label_override: dict | None = None
-                        ) -> WrittenShards:
+                        dtype: str = "float16", level: str = "frame", label_override: dict | None = None,
+                        ratings_past_end: bool = False) -> WrittenShards:
     """Write ``num_videos`` random videos round-robin into ``num_shards`` shards under ``root/shards/``.
 
     Frame counts are uniform in ``frames`` (inclusive), labels are 1..``max_labels`` distinct ids below
     ``num_classes``; ``label_override`` {video index: labels} plants specific (e.g. out-of-range) labels.
+    ``ratings_past_end``: every video with ratings also gets a positive rating of its first rated class on the
+    segment after its last window (start >= num_frames), as some released records have (no extra random draw).
     """
     dims = dict(dims or {"rgb": 8})
     rng = np.random.default_rng(seed)
@@ -69,6 +71,11 @@ def write_random_shards(root: str | Path, num_videos: int, num_shards: int, dims
             exp.segment_start_times = (rng.choice(max(t // 5, 1), size=k) * 5).astype(np.int32)
             exp.segment_labels = rng.choice(num_classes, size=k).astype(np.int32)
             exp.segment_scores = rng.integers(0, 2, size=k).astype(np.float32)
+            if ratings_past_end and k:
+                past = np.int32(-(-t // 5) * 5)  # the first window start at or past frame t
+                exp.segment_start_times = np.append(exp.segment_start_times, past).astype(np.int32)
+                exp.segment_labels = np.append(exp.segment_labels, exp.segment_labels[0]).astype(np.int32)
+                exp.segment_scores = np.append(exp.segment_scores, 1.0).astype(np.float32)
             row.update(segment_start_times=exp.segment_start_times.tolist(),
                        segment_labels=exp.segment_labels.tolist(),
                        segment_scores=exp.segment_scores.tolist())

@@ -325,22 +325,75 @@ def test_segment_map_hand_example():
     # class 3: a:0 + (rank 1, P=1), x:0 dropped, a:5 - (rank 2), b:10 + (rank 3, P=2/3), repeat dropped
     #          AP = (1 + 2/3) / 3 positives = 5/9
     # class 7: d:5 + (P=1), a:0 -  -> AP = 1/1
-    # class 11: no positive rating -> AP 0, still in the mean
-    # MAP = (5/9 + 1 + 0) / 3 = 14/27
+    # class 11: no positive rating -> AP 0/0, left out of the mean (official)
+    # MAP = (5/9 + 1) / 2 = 7/9
     value, per_class = segment_map(submission, ratings)
-    assert value == pytest.approx(14 / 27)
-    assert per_class == pytest.approx({3: 5 / 9, 7: 1.0, 11: 0.0})
+    assert value == pytest.approx(7 / 9)
+    assert per_class == pytest.approx({3: 5 / 9, 7: 1.0})
     rep = segment_map_report(submission, ratings)
     assert (rep.unrated, rep.duplicates, rep.hits, rep.predictions) == (2, 1, 3, 8)
     assert rep.classes_without_positives == [11] and rep.rated_classes_not_submitted == 1
+    assert (rep.classes, rep.scored_classes, rep.positives) == (3, 2, 4)
 
 
 def test_segment_map_truncates_at_k():
     submission, ratings = hand_segment_case()
-    # k=2: class 3 keeps a:0 (+) and x:0 (dropped): AP = 1/3; class 7: 1; class 11: 0 -> (1/3 + 1 + 0) / 3
+    # k=2: class 3 keeps a:0 (+) and x:0 (dropped): AP = 1/3; class 7: 1; class 11 not in the mean -> 2/3
     rep = segment_map_report(submission, ratings, k=2)
-    assert rep.map == pytest.approx(4 / 9)
+    assert rep.map == pytest.approx(2 / 3)
     assert rep.truncated == 3
+
+
+# Hand-computed against the official definitions (docs: /work/shared/reference/yt8m.md, "Segment MAP@K"):
+# per class, cut the submitted list at K, drop the entries not rated for that class, AP_c = sum_i P(i) rel(i) /
+# (positively rated segments of c); MAP = mean of AP_c over the submitted classes that have a positive rating.
+
+
+def test_segment_map_counts_a_positive_rated_past_the_last_frame():
+    # v has 12 frames: windows 0, 5, 10. Class 4 is rated on 4 segments; v:15 starts past the last frame, so no
+    # submission built from windows can hit it, but it is a positive of class 4 all the same.
+    ratings = SegmentRatings([("v", 0, 4, 1), ("v", 5, 4, 0), ("v", 10, 4, 1), ("v", 15, 4, 1)])
+    submission = {4: [("v", 0), ("v", 5), ("v", 10)]}  # every window of v, best first
+    # ranks: +, -, +  ->  (1/1 + 2/3) / 3 positives = 5/9 = 0.5556 (dropping v:15 would give 5/6 = 0.8333)
+    rep = segment_map_report(submission, ratings)
+    assert rep.map == pytest.approx(5 / 9) and round(rep.map, 4) == 0.5556
+    assert rep.positives == 3 and rep.hits == 2
+
+
+def test_segment_map_leaves_submitted_classes_without_positives_out_of_the_mean():
+    ratings = SegmentRatings([("a", 0, 1, 1), ("a", 5, 1, 0), ("b", 0, 2, 0), ("b", 5, 2, 0)])
+    submission = {
+        1: [("a", 5), ("a", 0)],  # -, +  -> AP 1/2
+        2: [("b", 0), ("b", 5)],  # rated, but only negative: AP 0/0, not in the mean
+        3: [("a", 0)],            # never rated: AP 0/0, not in the mean
+    }
+    rep = segment_map_report(submission, ratings)
+    assert rep.map == pytest.approx(1 / 2)  # not (1/2 + 0 + 0) / 3
+    assert rep.per_class_ap == pytest.approx({1: 0.5})
+    assert rep.classes_without_positives == [2, 3] and (rep.classes, rep.scored_classes) == (3, 1)
+    assert segment_map_report({2: [("b", 0)], 3: [("a", 0)]}, ratings).map == 0.0  # nothing to average
+
+
+def test_segment_map_cut_at_k_comes_before_dropping_unrated_entries():
+    ratings = SegmentRatings([("a", 0, 5, 1), ("b", 0, 5, 1), ("c", 0, 5, 0)])
+    submission = {5: [("x", 0), ("y", 0), ("a", 0), ("c", 0), ("b", 0)]}  # x, y unrated for class 5
+    # k = 3: x, y, a kept, then x, y dropped -> a + at rank 1: AP = 1 / 2 positives
+    assert segment_map_report(submission, ratings, k=3).map == pytest.approx(1 / 2)
+    # k = 5: a + (P = 1), c - , b + (P = 2/3) -> (1 + 2/3) / 2 = 5/6
+    rep = segment_map_report(submission, ratings, k=5)
+    assert rep.map == pytest.approx(5 / 6) and rep.unrated == 2 and rep.truncated == 0
+    # k = 2: only unrated entries survive the cut -> AP 0, class still in the mean
+    rep2 = segment_map_report(submission, ratings, k=2)
+    assert rep2.map == 0.0 and rep2.scored_classes == 1 and rep2.truncated == 3
+
+
+def test_segment_map_drops_predictions_not_rated_for_that_class():
+    # a:0 is rated for class 1 only; submitting it for class 2 neither hits nor misses there
+    ratings = SegmentRatings([("a", 0, 1, 1), ("b", 0, 2, 1), ("c", 0, 2, 0)])
+    submission = {2: [("a", 0), ("c", 0), ("z", 5), ("b", 0)]}
+    # class 2 after dropping a:0 and z:5: c - (rank 1), b + (rank 2, P = 1/2) -> AP = (1/2) / 1
+    rep = segment_map_report(submission, ratings)
+    assert rep.map == pytest.approx(1 / 2) and rep.unrated == 2 and rep.hits == 1
 
 
 def test_segment_map_empty_submission():

@@ -120,7 +120,7 @@ def test_frame_level_decode_equals_tensorflow_parse(synthetic_frame_dir):
             np.testing.assert_array_equal(rec.segment_start_times, context["segment_start_times"].values.numpy())
             np.testing.assert_array_equal(rec.segment_labels, context["segment_labels"].values.numpy())
             np.testing.assert_array_equal(rec.segment_scores, context["segment_scores"].values.numpy())
-            assert rec.num_frames == rgb.shape[0] and rec.truncated_frames == 0 and rec.dropped_segments == 0
+            assert rec.num_frames == rgb.shape[0] and rec.truncated_frames == 0 and rec.segments_past_end == 0
             assert rec.level == "frame" and rec.has_segments
             n += 1
     assert n == 24
@@ -200,7 +200,7 @@ def test_encode_example_writes_means():
     assert not back.has_segments and back.features("rgb").dtype == np.float32
 
 
-# -- truncation and dropped segments ---------------------------------------------------------------------------
+# -- truncation and segments past the end ---------------------------------------------------------------------------
 def test_more_than_300_frames_are_cut_and_counted():
     payload = sequence_example(rgb_frames=310, extra_context=segments([0, 295, 300, 305], [3, 3, 7, 7],
                                                                       [1, 0, 1, 0]))
@@ -209,9 +209,11 @@ def test_more_than_300_frames_are_cut_and_counted():
     assert rec.num_frames == 300 and rec.audio.shape == (300, 128) and rec.truncated_frames == 10
     np.testing.assert_array_equal(rec.features("rgb"), rgb[:300])
     np.testing.assert_array_equal(rec.features("audio"), audio[:300])
-    # segments starting at 300 and 305 lie in the cut frames
-    assert rec.segment_start_times.tolist() == [0, 295] and rec.dropped_segments == 2
-    assert rec.segment_labels.tolist() == [3, 3] and rec.segment_scores.tolist() == [1.0, 0.0]
+    # segments starting at 300 and 305 lie in the cut frames: kept (the segment MAP counts them), and counted
+    assert rec.segment_start_times.tolist() == [0, 295, 300, 305] and rec.segments_past_end == 2
+    assert rec.segment_labels.tolist() == [3, 3, 7, 7] and rec.segment_scores.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert records.segment_outside_frames(rec.segment_start_times, rec.num_frames).tolist() == [False, False,
+                                                                                                True, True]
 
 
 @pytest.mark.parametrize("max_frames,kept,cut", [(300, 300, 0), (301, 300, 0), (120, 120, 180)])
@@ -220,20 +222,23 @@ def test_max_frames_argument(max_frames, kept, cut):
     assert (rec.num_frames, rec.truncated_frames) == (kept, cut)
 
 
-def test_segments_starting_past_the_last_frame_are_dropped_and_counted():
+def test_segments_starting_past_the_last_frame_are_kept_and_counted():
     rec = decode_sequence_example(sequence_example(
         rgb_frames=20, extra_context=segments([0, 15, 20, 45, 10], [3, 4, 5, 6, 7], [1, 0, 1, 1, 0])))
-    assert rec.segment_start_times.tolist() == [0, 15, 10]
-    assert rec.segment_labels.tolist() == [3, 4, 7]
-    assert rec.segment_scores.tolist() == [1.0, 0.0, 0.0]
-    assert rec.dropped_segments == 2
+    assert rec.segment_start_times.tolist() == [0, 15, 20, 45, 10]
+    assert rec.segment_labels.tolist() == [3, 4, 5, 6, 7]
+    assert rec.segment_scores.tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert rec.segments_past_end == 2  # 20 and 45 start at or past the 20th (last) frame
+    assert records.segment_outside_frames(rec.segment_start_times, 20).tolist() == [False, False, True, True, False]
+    back = decode_sequence_example(records.encode_sequence_example(rec))  # and they survive a round trip
+    assert back.segment_start_times.tolist() == [0, 15, 20, 45, 10] and back.segments_past_end == 2
 
 
 def test_record_without_segments_has_none_and_empty_segments_stay_empty():
     plain = decode_sequence_example(sequence_example())
     assert plain.segment_start_times is None and plain.segment_labels is None and plain.segment_scores is None
     empty = decode_sequence_example(sequence_example(extra_context=segments([], [], [])))
-    assert empty.has_segments and empty.segment_start_times.size == 0 and empty.dropped_segments == 0
+    assert empty.has_segments and empty.segment_start_times.size == 0 and empty.segments_past_end == 0
 
 
 def test_audio_is_optional():

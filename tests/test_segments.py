@@ -267,7 +267,13 @@ def test_evaluate_segments_checkpoint_equals_submission_of_tagging(tagged, tmp_p
          "--out", str(tmp_path / "b.json")]))
     assert direct["segment_map"] == pytest.approx(from_csv["segment_map"])
     assert direct["per_class_ap"] == pytest.approx(from_csv["per_class_ap"])
-    assert set(json.loads((tmp_path / "b.json").read_text())["per_class_ap"]) == {str(c) for c in classes}
+    # per-class AP of the submitted classes with a positive rating; the others are listed apart, not averaged
+    ratings = evaluate.read_segment_ratings(str(root / "data"))
+    positive = {str(c) for c in classes if ratings.num_positives(c) > 0}
+    written = json.loads((tmp_path / "b.json").read_text())
+    assert set(written["per_class_ap"]) == positive and written["classes"] == len(classes)
+    assert written["classes_without_positives"] == len(classes) - len(positive) == direct["classes_without_positives"]
+    assert direct["segment_map"] == pytest.approx(sum(direct["per_class_ap"].values()) / len(positive))
     assert direct["predictions"] - direct["unrated"] >= 1  # some ranked window was rated
 
 
@@ -313,6 +319,76 @@ def test_segment_ids_are_str_and_binary_csv_scores_the_same(rated_data, tmp_path
     with open(csv, "rb") as f:  # bytes lines must give str ids (the published script's Python 3 bug)
         rep = segment_map_from_csv(f, ratings)
     assert rep.map == pytest.approx(19 / 24) and rep.classes == 2
+
+
+class _WindowMean(nn.Module):
+    """Logits = the mean of the window's frames: frame values set the segment scores (D = K = 3)."""
+
+    def forward(self, x, mask):
+        m = mask.unsqueeze(-1).float()
+        return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+@pytest.fixture(scope="module")
+def planted_data(tmp_path_factory) -> Path:
+    """v: 12 frames (windows 0, 5, 10), class 0 scored 3 > 2 > 1 on them; w: 10 frames, class 1 scored 3 on the
+    unrated w:0 and 2 on the rated w:5. Class 0 is also rated positive on v:15, past v's last frame."""
+    root = tmp_path_factory.mktemp("planted")
+    (root / "shards").mkdir()
+    schema = shards.shard_schema({"rgb": 3}, dtype="float16", has_segments=True, level="frame",
+                                 whitening_sha256="0" * 64)
+    v = np.zeros((12, 3), "<f2")
+    v[:, 0] = [3] * 5 + [2] * 5 + [1] * 2
+    v[:, 1] = -5
+    w = np.zeros((10, 3), "<f2")
+    w[:, 0] = -5
+    w[:, 1] = [3] * 5 + [2] * 5
+    rows = [("v", v, [0], ([0, 5, 10, 15], [0, 0, 0, 0], [1.0, 0.0, 1.0, 1.0])),
+            ("w", w, [1], ([5, 0], [1, 2], [1.0, 0.0]))]
+    with shards.ShardWriter(str(root / "shards/part-00000-of-00001.parquet"), schema) as wr:
+        for vid, x, labels, (st, lab, sco) in rows:
+            wr.write({"id": vid, "labels": labels, "num_frames": len(x), "rgb": x.tobytes(),
+                      "segment_start_times": st, "segment_labels": lab, "segment_scores": sco})
+    return root
+
+
+@pytest.mark.parametrize("from_shards", [False, True])
+def test_model_segment_map_is_the_official_one_hand_computed(planted_data, from_shards):
+    from model.data import make_loader
+
+    loader = make_loader(str(planted_data), batch_size=2, workers=0, num_classes=3, shuffle=False,
+                         segment_labels=True)
+    ratings = sg.read_segment_ratings(str(planted_data)) if from_shards else None
+    model = _WindowMean()
+    # k = 100000: class 0 ranks v:0 +, v:5 -, v:10 + (w's windows are unrated for it); its 3 positives include
+    # v:15, which no window can hit: AP = (1 + 2/3) / 3 = 5/9 (0.5556; 0.8333 if v:15 were dropped).
+    # Class 1: w:0 (unrated, dropped), w:5 + -> AP 1. Class 2 is rated only negative: left out of the mean.
+    rep = sg.rated_segment_map(model, loader, "cpu", "frames", ratings=ratings)
+    assert rep.per_class_ap == pytest.approx({0: 5 / 9, 1: 1.0})
+    assert rep.map == pytest.approx(7 / 9) and rep.classes_without_positives == [2]
+    assert rep.windows == 5 and rep.positives == 4
+    # k = 1: every window is ranked, rated or not, before the cut. Class 0 keeps v:0 (+): AP 1/3; class 1 keeps
+    # only the unrated w:0: AP 0 (ranking rated windows alone would have kept w:5 and given 1).
+    rep1 = sg.rated_segment_map(model, loader, "cpu", "frames", k=1, ratings=ratings)
+    assert rep1.per_class_ap == pytest.approx({0: 1 / 3, 1: 0.0}) and rep1.map == pytest.approx(1 / 6)
+
+
+def test_tag_segments_kaggle_csv_defaults_to_the_rated_classes(planted_data, tmp_path):
+    ckpt = _checkpoint(tmp_path / "m.pt", "mean", dims=3)  # a K = 20 class model
+    common = ["--checkpoint", str(ckpt), "--kaggle-csv", str(tmp_path / "sub.csv"), "--workers", "0",
+              "--device", "cpu"]
+    summary = tag_segments.main(tag_segments.get_args_parser().parse_args(
+        common + ["--data", str(planted_data), "--out", str(tmp_path / "out")]))
+    assert sorted(read_segment_submission(tmp_path / "sub.csv")) == [0, 1, 2]  # rated in the data, not all 20
+    assert summary["kaggle_csv"]["classes"] == 3
+    rows = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))).to_pydict()
+    assert max(rows["class"]) >= 3  # the Parquet rows still rank every model class
+    assert "classes that carry segment ratings in --data" in " ".join(
+        tag_segments.get_args_parser().format_help().split())
+    unrated = write_random_shards(tmp_path / "plain", num_videos=2, num_shards=1, dims={"rgb": 3}, frames=(5, 9))
+    with pytest.raises(sg.SegmentError, match="--classes"):  # nothing rated there: --classes is required
+        tag_segments.main(tag_segments.get_args_parser().parse_args(
+            common + ["--data", str(unrated.root), "--out", str(tmp_path / "out2")]))
 
 
 def test_evaluate_without_checkpoint_or_submission_is_a_user_error(rated_data, capsys):

@@ -73,6 +73,23 @@ def test_write_read_round_trip(tmp_path, dtype, segments):
             np.testing.assert_array_equal(v.segment_scores, rec.segment_scores)
 
 
+def test_ratings_past_the_last_frame_are_kept_and_told_apart_by_num_frames(tmp_path):
+    from pipeline.records import segment_outside_frames
+
+    videos = make_videos(1, seed=4)
+    rec, white = videos[0]
+    T = rec.num_frames
+    rec.segment_start_times = np.array([0, T // 5 * 5 + 5, T + 40], np.int32)  # the last two start past frame T-1
+    rec.segment_labels = np.array([1, 2, 2], np.int32)
+    rec.segment_scores = np.array([1, 1, 0], np.float32)
+    assert rec.segments_past_end == 2
+    path = write_shard(tmp_path / "s.parquet", videos, segments=True)
+    (v,) = iter_videos(path)
+    np.testing.assert_array_equal(v.segment_start_times, rec.segment_start_times)
+    np.testing.assert_array_equal(v.segment_scores, [1, 1, 0])
+    assert segment_outside_frames(v.segment_start_times, v.num_frames).tolist() == [False, True, True]
+
+
 def test_video_level_and_full_size_frames(tmp_path):
     rng = np.random.default_rng(2)
     rec = VideoRecord(id="big", labels=np.array([3], np.int32), rgb=np.zeros((300, 1024), np.uint8))
