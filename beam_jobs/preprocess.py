@@ -23,8 +23,9 @@ Reading does not use ``ReadFromTFRecord``, which fails the whole job on one corr
 with ``pipeline.tfrecord`` (CRC32C-checked framing). Nothing is dropped silently; the invariant, checked in the
 summary, is ``read = written + dead_lettered`` where "read" counts every intact TFRecord payload plus every framing
 corruption found: a payload with a bad data CRC is one record, and a broken length field or a truncation, which
-ends the readable part of its file, counts as one record too. Frames past 300 and rated segments that start past a
-video's last frame are cut and counted (``truncated_frames``, ``dropped_segments``), not dead-lettered.
+ends the readable part of its file, counts as one record too. Frames past 300 are cut and counted
+(``truncated_frames``); rated segments that start past a video's last frame are kept in the shards (the official
+segment MAP counts them) and counted (``segments_past_end``); neither is dead-lettered.
 
 Outputs: ``OUT/whitening.npz``, ``OUT/shards/part-SSSSS-of-NNNNN.parquet``, ``OUT/dead_letter/dead-00000-of-00001
 .jsonl`` (always written, empty when every record was usable; one JSON object per line: source, position = byte
@@ -59,7 +60,8 @@ from pipeline import shards
 from pipeline.errors import RecordError, TFRecordCorruption, Yt8mError
 from pipeline.records import FEATURE_DIMS, VideoRecord, decode_record, decode_sequence_example
 from pipeline.tfrecord import iter_records, read_records
-from pipeline.whitening import MomentAccumulator, WhiteningError, WhiteningSet, file_sha256, fit_whitening_set
+from pipeline.whitening import (RANK_RTOL, MomentAccumulator, WhiteningError, WhiteningSet, file_sha256,
+                                fit_whitening_set)
 
 METRICS_NAMESPACE = "yt8m_preprocess"  # pass 2: the counts the summary reports
 FIT_METRICS_NAMESPACE = "yt8m_preprocess_fit"  # pass 1 decodes the same records; kept apart so nothing counts twice
@@ -116,8 +118,9 @@ class JobConfig:
         pca_dims: feature -> kept components; a feature not in it keeps all of its dims.
         whitening: path of existing statistics to reuse, or None to fit them (pass 1).
         dtype: storage dtype of whitened frames, "float16" or "float32".
-        epsilon: added to eigenvalues before the inverse square root.
+        epsilon: variance floor, as a fraction of the mean eigenvalue (``pipeline.whitening``).
         mode: "pca" or "zca".
+        shrinkage: "oas" or a fixed covariance shrinkage in [0, 1] (``pipeline.whitening``).
         num_shards: Parquet files to write; 0 lets the runner choose (no extra shuffle).
     """
     input: str
@@ -130,6 +133,7 @@ class JobConfig:
     epsilon: float = 1e-4
     mode: str = "pca"
     num_shards: int = 0
+    shrinkage: str | float = "oas"
 
     def path(self, *parts: str) -> str:
         return _join(self.output, *parts)
@@ -190,7 +194,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="reuse this whitening.npz (validation/test splits: the training split's); skips pass 1")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype of frames")
     p.add_argument("--epsilon", type=float, default=1e-4,
-                   help="added to each eigenvalue before 1/sqrt (YouTube-8M's own PCA used 1e-4)")
+                   help="variance floor added before 1/sqrt, as a fraction of the mean eigenvalue (scale-free)")
+    p.add_argument("--shrinkage", default="oas",
+                   help="covariance shrinkage toward its mean eigenvalue before whitening: 'oas' (default: Oracle "
+                        "Approximating Shrinkage, near 0 when frames far outnumber dims) or a number in [0, 1]")
     p.add_argument("--zca", action="store_true", help="ZCA whitening (rotate back to the input axes; all dims)")
     p.add_argument("--num-shards", type=int, default=0,
                    help="Parquet files to write; 0 (default) lets the runner decide, avoiding an extra shuffle")
@@ -207,9 +214,18 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
         raise FlagError(f"--num-shards must be >= 0, got {args.num_shards}")
     if not args.epsilon >= 0:
         raise FlagError(f"--epsilon must be >= 0, got {args.epsilon}")
+    shrinkage = args.shrinkage
+    if shrinkage != "oas":
+        try:
+            shrinkage = float(shrinkage)
+        except ValueError:
+            raise FlagError(f"--shrinkage must be 'oas' or a number in [0, 1], got {args.shrinkage!r}") from None
+        if not 0.0 <= shrinkage <= 1.0:
+            raise FlagError(f"--shrinkage must lie in [0, 1], got {shrinkage}")
     return JobConfig(input=args.input, output=args.output.rstrip("/") or "/", level=args.level,
                      features=features, pca_dims=pca_dims, whitening=args.whitening, dtype=args.dtype,
-                     epsilon=args.epsilon, mode="zca" if args.zca else "pca", num_shards=args.num_shards)
+                     epsilon=args.epsilon, mode="zca" if args.zca else "pca", num_shards=args.num_shards,
+                     shrinkage=shrinkage)
 
 
 # -- file helpers (fsspec: local paths and gs:// alike) -----------------------------------------------------------
@@ -309,7 +325,7 @@ class DecodeVideoFn(beam.DoFn):
     Args:
         level: "frame" or "video".
         features: feature names every record must carry.
-        namespace: metrics namespace; counts ``truncated_records``, ``truncated_frames``, ``dropped_segments``.
+        namespace: metrics namespace; counts ``truncated_records``, ``truncated_frames``, ``segments_past_end``.
     """
 
     def __init__(self, level: str, features: Sequence[str], namespace: str = METRICS_NAMESPACE):
@@ -318,7 +334,7 @@ class DecodeVideoFn(beam.DoFn):
     def setup(self):
         self.truncated_records = Metrics.counter(self.namespace, "truncated_records")
         self.truncated_frames = Metrics.counter(self.namespace, "truncated_frames")
-        self.dropped_segments = Metrics.counter(self.namespace, "dropped_segments")
+        self.segments_past_end = Metrics.counter(self.namespace, "segments_past_end")
 
     def process(self, element) -> Iterator:
         source, position, payload = element
@@ -339,8 +355,8 @@ class DecodeVideoFn(beam.DoFn):
         if record.truncated_frames:
             self.truncated_records.inc()
             self.truncated_frames.inc(record.truncated_frames)
-        if record.dropped_segments:
-            self.dropped_segments.inc(record.dropped_segments)
+        if record.segments_past_end:  # kept in the row; counted for the summary
+            self.segments_past_end.inc(record.segments_past_end)
         yield source, position, record
 
 
@@ -670,7 +686,7 @@ def load_whitening_for(path: str, cfg: JobConfig) -> WhiteningSet:
         if w.input_dim != FEATURE_DIMS[name]:
             raise DimsMismatchError(f"{path}: the {name!r} whitening takes {w.input_dim}-d frames, but YouTube-8M "
                                     f"{name} frames have {FEATURE_DIMS[name]} dims")
-        if cfg.pca_dims and name in cfg.pca_dims and cfg.pca_dims[name] != w.dims:
+        if cfg.pca_dims and name in cfg.pca_dims and cfg.pca_dims[name] != w.requested_dims:
             raise DimsMismatchError(f"--pca-dims asks for {cfg.pca_dims[name]} {name} dims but {path} keeps "
                                     f"{w.dims}; drop --pca-dims to use the file as it is")
         if cfg.mode == "zca" and w.mode != "zca":
@@ -727,18 +743,36 @@ def fit_pass(cfg: JobConfig, paths: Sequence[str], opts: PipelineOptions,
     blas = _BlasLimit(1)  # a 1024-d eigh gains little from threads and loses badly on a busy machine
     blas.enter()
     try:
-        ws = fit_whitening_set(moments, dims=cfg.pca_dims, epsilon=cfg.epsilon, mode=cfg.mode)
+        ws = fit_whitening_set(moments, dims=cfg.pca_dims, epsilon=cfg.epsilon, mode=cfg.mode,
+                               shrinkage=cfg.shrinkage)
     except WhiteningError as e:
         raise FitError(f"cannot fit the whitening: {e}") from None
     finally:
         blas.exit()
     ws.save(whitening_path)
-    warnings = [f"{name}: fitted on {n} frames, not more than its {FEATURE_DIMS[name]} dims; the covariance is "
-                f"rank-deficient, consider --pca-dims" for name, n in frames.items() if n <= FEATURE_DIMS[name]]
+    kept = components_kept(ws)
+    warnings = [f"{name}: kept {k['kept']} of {k['requested']} components ({k['why']})"
+                for name, k in kept.items() if k["kept"] < k["requested"]]
     for w in warnings:
         _LOGGER.warning(w)
-    return {"fitted": True, "frames": frames, "warnings": warnings,
+    return {"fitted": True, "frames": frames, "warnings": warnings, "components": kept,
             "explained_variance": {name: float(ws[name].explained_variance_ratio.sum()) for name in ws.names}}
+
+
+def components_kept(ws: WhiteningSet) -> dict:
+    """Per feature: components asked for and kept, the shrinkage used, and why fewer were kept."""
+    out = {}
+    for name in ws.names:
+        w = ws[name]
+        if w.dims >= w.requested_dims:
+            why = "as requested"
+        elif w.dims == w.count - 1:
+            why = f"{w.count} frames span at most {w.count - 1} directions"
+        else:
+            why = (f"the other directions have variance <= {RANK_RTOL:g} x the largest (numerically empty: "
+                   f"constant or collinear inputs)")
+        out[name] = {"requested": w.requested_dims, "kept": w.dims, "why": why, "shrinkage": w.shrinkage}
+    return out
 
 
 def reuse_whitening(cfg: JobConfig) -> dict:
@@ -767,7 +801,7 @@ def summarize(cfg: JobConfig, counts: dict[str, int], paths: Sequence[str], fit:
         "written_frames": counts.get("written_frames", 0),
         "truncated_records": counts.get("truncated_records", 0),
         "truncated_frames": counts.get("truncated_frames", 0),
-        "dropped_segments": counts.get("dropped_segments", 0),
+        "segments_past_end": counts.get("segments_past_end", 0),
         "unwritten_segment_records": counts.get("unwritten_segment_records", 0),
         "has_segments": has_segments,
         "whitening": {"sha256": sha, "feature_dims": whitening.feature_dims,
@@ -785,9 +819,10 @@ def format_summary(s: dict) -> str:
         f"  read {s['read']}, written {s['written']} ({s['written_frames']} frames), "
         f"dead-lettered {s['dead_lettered_total']} ({dead})",
         f"  truncated to 300 frames: {s['truncated_records']} records ({s['truncated_frames']} frames); "
-        f"dropped segments: {s['dropped_segments']}",
+        f"ratings past the last frame (kept): {s['segments_past_end']}",
         f"  whitening {s['whitening']['sha256'][:12]} dims {s['whitening']['feature_dims']}",
     ]
+    lines += [f"  NOTE: {w}" for w in s["whitening"].get("warnings", [])]
     if s["unwritten_segment_records"]:
         lines.append(f"  WARNING: {s['unwritten_segment_records']} records carry segment ratings that were not "
                      f"written (the first records had none, so the shards have no segment columns)")

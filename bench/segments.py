@@ -9,8 +9,8 @@ Data: ``pipeline.synthetic --segments`` (3000 training and 400 validate videos o
 ``model.train_video`` does), with the paper's Eq. 7 attention and with ``attention="softmax"``, and the
 self-attention-SNet baseline, SNet narrowed to 128 channels for a CPU; video-level training with Adam lr 1e-3,
 batch 32, then segment fine-tuning from that model (rated 5-frame windows, unrated classes ignored). Segment MAP is
-computed on the rated segments of the validate split (``rated_segment_map``: the same number as ranking every
-window, since unrated predictions are dropped by the metric).
+computed on the rated segments of the validate split (``rated_segment_map``: every window ranked per class, the
+same number ``model.evaluate --segments`` reports).
 
 Throughput: ``python -m model.tag_segments`` (default-width CMA-SNet, 1000 tracked classes, Kaggle top lists of
 ``--max-per-class`` 1000, full after the first thousand windows) over 1 and 4 copies of the validate shard, in a
@@ -101,7 +101,7 @@ def quality_table(root: Path, epochs: int, ft_epochs: int) -> list[dict]:
     freqs = label_frequencies(labels, K)
     rows = []
     models = (("CMA-SNet", "cma", {}), ("CMA-SNet, softmax attention", "cma", {"attention": "softmax"}),
-              ("self-attention-SNet", "self-attn", {}))
+              ("self-attention-SNet", "self-attn", {}), ("self-attention per class (SNet)", "self-attn-per-class", {}))
     for name, head, head_kw in models:
         torch.manual_seed(0)
         if head == "cma":

@@ -180,7 +180,7 @@ class ParquetVideoDataset(IterableDataset):
         seed: base seed; the read order is a function of (seed, epoch, rank, worker) only.
         shuffle_shards: permute the shard (or row-group) order each epoch.
         segment_labels: also yield ``segment_start_times``, ``segment_labels``, ``segment_scores``; every shard
-            must have them.
+            must have them. All ratings come through, also those starting at or past the video's (kept) frames.
         infinite: loop over epochs forever (epoch, epoch + 1, ...) instead of stopping after one.
         rank, world_size: this process's place among distributed readers; default: from ``torch.distributed`` when
             it is initialized, else a single process. Readers get whole shards or row groups, so their video counts

@@ -7,6 +7,11 @@ Prints Hit@1, PERR, GAP@20 and the YouTube-8M mAP (plus the full-ranking mAP tha
 apart), writes them as JSON, and optionally the official video-level submission (``VideoId,LabelConfidencePairs``,
 top 20 classes per video) from which anyone can recompute GAP.
 
+The label-prior baseline (every video scored with the training label frequencies; ``model.prior``), the number a
+model must beat to show it learned from the frames:
+
+    python -m model.evaluate --prior-from DATA/train --data DATA/validate [--out metrics.json]
+
 Segment level (2019 challenge), on data with segment ratings:
 
     python -m model.evaluate --segments --checkpoint CKPT --data DATA/validate [--scorer frames|context]
@@ -14,8 +19,11 @@ Segment level (2019 challenge), on data with segment ratings:
     python -m model.evaluate --segments --submission submission.csv --data DATA/validate
 
 The first ranks every 5-second window of every video per class (bounded top lists of ``--k``) and scores the
-ranking; the second scores an existing ``Class,Segments`` file, ours or anyone's (no checkpoint needed). Both
-report segment MAP@K exactly as ``model.metrics.segment_map_report`` defines it, with per-class AP in the JSON.
+ranking (``model.segments.rated_segment_map``, the same call that validates ``model.train_video
+--segment-labels``); the second scores an existing ``Class,Segments`` file, ours or anyone's (no checkpoint
+needed). Both report segment MAP@K exactly as ``model.metrics.segment_map_report`` defines it (positive ratings
+past a video's last frame count as misses; submitted classes without a positive rating are left out of the mean),
+with per-class AP in the JSON.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ from model.data import DataError, dataset_summary, make_loader
 from model.device import autocast, resolve_device
 from model.metrics import SEGMENT_TOP_K, SegmentRatings, VideoMetrics, segment_map_report
 from model.submission import VideoPredictionWriter
-from model.video_model import build_model
+from model.video_model import build_model, resolve_legacy_head
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,7 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="best.pt or last.pt of a model.train_video run (not needed with --submission)")
     p.add_argument("--data", required=True, help="shards to evaluate: a preprocess output dir, glob or gs:// path")
-    p.add_argument("--out", default=None, help="metrics JSON (default: beside the checkpoint, eval_<data>.json)")
+    p.add_argument("--out", default=None, help="metrics JSON (default: beside the checkpoint, eval_<data>.json; with --prior-from: "
+                        "./eval_prior_<data>.json)")
     p.add_argument("--write-predictions", default=None, metavar="FILE.csv",
                    help="also write the top-20 video-level submission CSV")
     p.add_argument("--full-ranking-map", action="store_true",
@@ -47,6 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--prior-from", default=None, metavar="TRAIN_DATA",
+                   help="instead of a checkpoint: score every video with the label frequencies of these training "
+                        "shards (the label-prior baseline)")
+    p.add_argument("--num-classes", type=int, default=3862, help="K of --prior-from's scores")
     g = p.add_argument_group("segment level (2019 challenge)")
     g.add_argument("--segments", action="store_true", help="segment MAP@K on the rated segments of --data")
     g.add_argument("--submission", default=None, metavar="FILE.csv",
@@ -64,6 +77,7 @@ def load_model(checkpoint: str, device: torch.device):
     a = ckpt.get("args")
     if not isinstance(a, dict) or "head" not in a:
         raise CheckpointError(f"{checkpoint} is not a model.train_video checkpoint (no training args)")
+    a = resolve_legacy_head(a, ckpt["model"])  # per-class self-attention saved as "self-attn" before
     emb = ckpt["model"].get("head.label_embeddings") if a["head"] == "cma" else None
     model = build_model(a, label_embeddings=emb)
     try:
@@ -100,18 +114,30 @@ def predict(model, loader, device):
 def main(args) -> dict:
     if args.segments or args.submission:
         return main_segments(args)
-    if not args.checkpoint:
-        raise CheckpointError("--checkpoint is required (except with --segments --submission FILE.csv)")
-    device = resolve_device(args.device)
-    model, train_args = load_model(args.checkpoint, device)
-    features, _ = check_feature_dims(args.data, train_args)
-    loader = make_loader(args.data, batch_size=args.batch_size, workers=args.workers, features=features,
-                         num_classes=train_args["num_classes"], max_frames=train_args["max_frames"],
-                         shuffle=False, device=device)
-    metrics = VideoMetrics(train_args["num_classes"], full_ranking=args.full_ranking_map)
+    if args.prior_from:
+        if args.checkpoint:
+            raise CheckpointError("give --checkpoint or --prior-from, not both")
+        from model.prior import label_prior, predict_prior
+
+        num_classes, source = args.num_classes, {"prior_from": str(args.prior_from)}
+        predictions = predict_prior(label_prior(args.prior_from, num_classes), args.data)
+        default_out = Path(f"eval_prior_{Path(args.data).name}.json")
+    else:
+        if not args.checkpoint:
+            raise CheckpointError("--checkpoint is required (except with --prior-from or --segments --submission)")
+        device = resolve_device(args.device)
+        model, train_args = load_model(args.checkpoint, device)
+        features, _ = check_feature_dims(args.data, train_args)
+        loader = make_loader(args.data, batch_size=args.batch_size, workers=args.workers, features=features,
+                             num_classes=train_args["num_classes"], max_frames=train_args["max_frames"],
+                             shuffle=False, device=device)
+        num_classes, source = train_args["num_classes"], {"checkpoint": str(args.checkpoint)}
+        predictions = predict(model, loader, device)
+        default_out = Path(args.checkpoint).with_name(f"eval_{Path(args.data).name}.json")
+    metrics = VideoMetrics(num_classes, full_ranking=args.full_ranking_map)
     writer = VideoPredictionWriter(args.write_predictions) if args.write_predictions else None
     n = 0
-    for ids, scores, labels in predict(model, loader, device):
+    for ids, scores, labels in predictions:
         metrics.update(scores, labels)
         if writer is not None:
             writer.write(ids, scores)
@@ -120,8 +146,9 @@ def main(args) -> dict:
         writer.close()
     if n == 0:
         raise DataError(f"no video in {args.data}")
-    result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "videos": n, **metrics.compute()}
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{Path(args.data).name}.json")
+    result = {**source, "data": str(args.data), "videos": n, **metrics.compute()}
+    out = Path(args.out) if args.out else default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(format_table(result))
     print(f"wrote {out}" + (f" and {args.write_predictions}" if writer else ""))
@@ -138,44 +165,15 @@ def format_table(r: dict) -> str:
 
 
 def read_segment_ratings(data: str) -> SegmentRatings:
-    """The rated (segment, class) pairs of every shard under ``data`` (only the id and segment columns are read)."""
-    from pipeline import shards as shard_io
+    """Every rating of the shards under ``data``: ``model.segments.read_segment_ratings``."""
+    from model.segments import read_segment_ratings as read
 
-    ratings = SegmentRatings()
-    for path in shard_io.list_shards(str(data)):
-        if not shard_io.read_shard_info(path).has_segments:
-            raise DataError(f"{path} has no segment columns: segment MAP needs segment-rated data "
-                            f"(e.g. the 2019 validate split)")
-        cols = ["id", "segment_start_times", "segment_labels", "segment_scores"]
-        for batch in shard_io.iter_batches(path, columns=cols):
-            d = batch.to_pydict()
-            for vid, starts, labels, scores in zip(d["id"], d["segment_start_times"], d["segment_labels"],
-                                                   d["segment_scores"]):
-                ratings.add_video(vid, starts or [], labels or [], scores or [])
-    return ratings
-
-
-def predict_segment_ranking(model, loader, device, classes, k: int, scorer: str):
-    """Per class of ``classes`` its ``k`` best windows over all videos of ``loader``: {class: [(vid, start)]}."""
-    from model.segments import TopSegmentsPerClass, score_segments
-
-    top = TopSegmentsPerClass(classes, k)
-    index = torch.as_tensor(classes, device=device)
-    with torch.no_grad():
-        for batch in loader:
-            x = batch["x"].to(device, non_blocking=True)
-            mask = batch["mask"].to(device, non_blocking=True)
-            with autocast(device):
-                scored = score_segments(model, x, mask, scorer)
-            b_idx, s_idx = np.nonzero(scored.valid.cpu().numpy())
-            sel = scored.scores.index_select(-1, index).float().cpu().numpy()[b_idx, s_idx]  # (n, C)
-            top.add([batch["ids"][b] for b in b_idx.tolist()], scored.start_times[s_idx], sel)
-    return top.ranked(), top.segments_seen
+    return read(data)
 
 
 def main_segments(args) -> dict:
     """Segment MAP@K of a checkpoint (every window ranked) or of an existing submission CSV."""
-    from model.segments import DEFAULT_SCORER, SCORERS, SegmentError, read_class_ids
+    from model.segments import DEFAULT_SCORER, SCORERS, SegmentError, rated_segment_map, read_class_ids
     from model.submission import read_segment_submission
 
     if args.k < 1:
@@ -188,7 +186,7 @@ def main_segments(args) -> dict:
     if args.submission:
         if args.checkpoint:
             raise SegmentError("give --checkpoint or --submission, not both")
-        submission = read_segment_submission(args.submission)
+        rep = segment_map_report(read_segment_submission(args.submission), ratings, args.k)
         result["submission"] = str(args.submission)
         default_out = Path(args.submission).with_name(f"eval_segments_{Path(args.data).name}.json")
     else:
@@ -207,18 +205,20 @@ def main_segments(args) -> dict:
         loader = make_loader(args.data, batch_size=args.batch_size, workers=args.workers, features=features,
                              num_classes=num_classes, max_frames=train_args["max_frames"], shuffle=False,
                              device=device)
-        submission, windows = predict_segment_ranking(model, loader, device, classes, args.k, scorer)
-        result.update(checkpoint=str(args.checkpoint), scorer=scorer, windows=windows)
+        # the same call model.train_video --segment-labels validates (and picks best.pt) with
+        rep = rated_segment_map(model, loader, device, scorer, args.k, ratings=ratings, classes=classes)
+        result.update(checkpoint=str(args.checkpoint), scorer=scorer, windows=rep.windows)
         default_out = Path(args.checkpoint).with_name(f"eval_segments_{Path(args.data).name}.json")
-    rep = segment_map_report(submission, ratings, args.k)
-    result.update(segment_map=rep.map, classes=rep.classes, predictions=rep.predictions, hits=rep.hits,
+    result.update(segment_map=rep.map, classes=rep.classes, scored_classes=rep.scored_classes,
+                  positives=rep.positives, predictions=rep.predictions, hits=rep.hits,
                   unrated=rep.unrated, truncated=rep.truncated, duplicates=rep.duplicates,
                   rated_classes_not_submitted=rep.rated_classes_not_submitted,
                   classes_without_positives=len(rep.classes_without_positives),
                   per_class_ap={str(c): ap for c, ap in sorted(rep.per_class_ap.items())})
     out = Path(args.out) if args.out else default_out
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(f"| segment MAP@{args.k} | {rep.map:.4f} |\n| classes | {rep.classes} |\n| rated predictions | "
+    print(f"| segment MAP@{args.k} | {rep.map:.4f} |\n| classes (with a positive) | {rep.classes} "
+          f"({rep.scored_classes}) |\n| rated predictions | "
           f"{rep.predictions - rep.unrated - rep.duplicates} |\n| hits | {rep.hits} |")
     print(f"wrote {out}")
     return result

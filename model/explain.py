@@ -1,12 +1,17 @@
 """Where a trained model looks: the paper's Fig. 5 (per-frame attention of a video's top classes over time).
 
     python -m model.explain --checkpoint runs/cma/best.pt --data DATA/validate --id VIDEO_ID --out plot.png
-        [--top-classes 3] [--class-names vocabulary.csv]
+        [--top-classes 3] [--vocabulary vocabulary.csv]
+    python -m model.explain ... --pick correct    # instead of --id: a video the model gets right
 
 One panel per class among the video's ``--top-classes`` most probable ones: the class's attention on every frame,
-its rated segments when the shards carry ratings (shaded: rated positive, hatched: rated negative), and the
-ground-truth labels in the title (a class that is one is starred). ``OUT.json`` beside the plot holds the resolved
-flags and the plotted numbers.
+its rated segments when the shards carry ratings (shaded: rated positive, hatched: rated negative), the class by
+name when a ``vocabulary.csv`` is given, and whether it is one of the video's labels (starred, bold, green). A strip
+below shows every rated segment of the video, of any class. ``OUT.json`` beside the plot holds the resolved flags
+and the plotted numbers.
+
+``--pick correct`` runs the model over ``--data`` and plots the video whose top prediction is one of its labels
+with the highest confidence, preferring videos with a rated segment of that class, then videos with any rating.
 
 Attention over frames. The head attends over the backbone's output steps (B, K, T'); SNet's step j covers frames
 [j * s, (j + 1) * s) with s = 2^stages (``model.segments.time_stride``). A step's weight is spread evenly over the
@@ -31,9 +36,12 @@ import torch
 from model.segments import SEGMENT_FRAMES, time_stride
 from pipeline import shards
 from pipeline.errors import Yt8mError
+from pipeline.vocabulary import read_vocabulary
 
 POSITIVE_COLOR = "tab:green"
 NEGATIVE_COLOR = "tab:red"
+TRUE_LABEL_COLOR = "darkgreen"
+PICKS = ("correct",)
 
 
 class ExplainError(Yt8mError):
@@ -128,9 +136,75 @@ def find_video(data: str, video_id: str, features: Sequence[str] = ("rgb",)) -> 
     raise VideoNotFound(f"no video {video_id!r} among the {searched} videos of {len(paths)} shard(s) at {data}")
 
 
+@dataclass
+class PickedVideo:
+    """The video ``pick_video`` chose and why.
+
+    id: its id. top_class, probability: its most probable class and that class's probability.
+    correct: the top class is one of its labels. rated: the top class has a rated segment in it.
+    videos, correct_videos: videos scanned, and of those, how many have a true label on top.
+    """
+    id: str
+    top_class: int
+    probability: float
+    correct: bool
+    rated: bool
+    videos: int
+    correct_videos: int
+
+    def describe(self, names: Mapping[int, str] | None = None) -> str:
+        verdict = "a true label" if self.correct else "NOT a label (no video had a true label on top)"
+        return (f"video {self.id}: top prediction {class_label(self.top_class, names)} (p = {self.probability:.3f}) "
+                f"is {verdict}; {self.correct_videos} of {self.videos} videos have a true label on top")
+
+
+def segment_rated_classes(data: str) -> dict[str, set[int]]:
+    """Video id -> classes with a rated segment, for the shards at ``data`` that carry ratings (id and segment
+    columns only)."""
+    rated: dict[str, set[int]] = {}
+    for path in shards.list_shards(data):
+        if not shards.read_shard_info(path).has_segments:
+            continue
+        for batch in shards.iter_batches(path, columns=["id", "segment_labels"]):
+            for vid, labels in zip(batch.column("id").to_pylist(), batch.column("segment_labels").to_pylist()):
+                rated[vid] = set(labels or [])
+    return rated
+
+
+@torch.no_grad()
+def pick_video(model: torch.nn.Module, data: str, features: Sequence[str], num_classes: int, max_frames: int,
+               device: torch.device, batch_size: int = 64) -> PickedVideo:
+    """``--pick correct``: the video of ``data`` to show a newcomer. Ranked by (top prediction is a true label,
+    that class has a rated segment, the video has any rating, top probability), so a video the model gets right
+    comes first, with its evidence marked when possible. One pass of the model over ``data``."""
+    from model.data import make_loader
+    from model.evaluate import predict
+
+    rated = segment_rated_classes(data)
+    loader = make_loader(data, batch_size=batch_size, workers=0, features=tuple(features), num_classes=num_classes,
+                         max_frames=max_frames, shuffle=False, device=device)
+    best, best_key, videos, correct_videos = None, None, 0, 0
+    for ids, scores, labels in predict(model, loader, device):
+        rows = np.arange(len(ids))
+        top = scores.argmax(axis=1)  # (B,)
+        prob, correct = scores[rows, top], labels[rows, top] > 0
+        for i, vid in enumerate(ids):
+            classes = rated.get(vid, set())
+            key = (bool(correct[i]), int(top[i]) in classes, bool(classes), float(prob[i]))
+            if best_key is None or key > best_key:
+                best_key, best = key, (vid, int(top[i]))
+        videos += len(ids)
+        correct_videos += int(correct.sum())
+    if best is None:
+        raise ExplainError(f"no video in {data} to pick from")
+    return PickedVideo(id=best[0], top_class=best[1], probability=best_key[3], correct=best_key[0],
+                       rated=best_key[1], videos=videos, correct_videos=correct_videos)
+
+
 def read_class_names(path: str | Path) -> dict[int, str]:
-    """Class id -> name from YouTube-8M's ``vocabulary.csv`` (header with ``Index`` and ``Name``), from
-    ``id,name`` lines, or from one name per line (line i, from 0, names class i)."""
+    """Class id -> name from YouTube-8M's ``vocabulary.csv`` (header with ``Index`` and ``Name``, read by
+    ``pipeline.vocabulary.read_vocabulary``), from ``id,name`` lines, or from one name per line (line i, from 0,
+    names class i)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
@@ -139,10 +213,9 @@ def read_class_names(path: str | Path) -> dict[int, str]:
     if not rows:
         raise ExplainError(f"{path} holds no class name")
     header = [c.strip() for c in rows[0]]
+    if "Index" in header and "Name" in header:
+        return read_vocabulary(path)
     try:
-        if "Index" in header and "Name" in header:
-            i, n = header.index("Index"), header.index("Name")
-            return {int(r[i]): r[n].strip() for r in rows[1:]}
         if all(len(r) >= 2 for r in rows):
             return {int(r[0]): r[1].strip() for r in rows}
     except (ValueError, IndexError):
@@ -242,37 +315,81 @@ def rated_spans(video: shards.Video, cls: int, num_frames: int) -> tuple[list, l
     return pos, neg
 
 
-def plot_video_explanation(expl: VideoExplanation, video: shards.Video, out: str | Path,
-                           names: Mapping[int, str] | None = None, dpi: int = 120) -> Path:
-    """Write the Fig. 5 style PNG: one panel per plotted class, rated segments marked, labels in the title."""
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+def rated_classes(video: shards.Video) -> list[int]:
+    """The classes with at least one rated segment in ``video``, ascending."""
+    if video.segment_labels is None:
+        return []
+    return sorted({int(c) for c in video.segment_labels.tolist()})
+
+
+def plot_rated_segments(ax, video: shards.Video, num_frames: int, names: Mapping[int, str] | None,
+                        truth: set[int]) -> None:
+    """Every rated segment of the video on one Axes, a row per rated class (its labels bold), so ratings of
+    classes outside the plotted top list show too."""
+    classes = rated_classes(video)
+    for row, cls in enumerate(classes):
+        pos, neg = rated_spans(video, cls, num_frames)
+        for start, end in pos:
+            ax.axvspan(start, end, ymin=(row + 0.15) / len(classes), ymax=(row + 0.85) / len(classes),
+                       color=POSITIVE_COLOR, alpha=0.5, linewidth=0)
+        for start, end in neg:
+            ax.axvspan(start, end, ymin=(row + 0.15) / len(classes), ymax=(row + 0.85) / len(classes),
+                       facecolor="none", edgecolor=NEGATIVE_COLOR, hatch="///", linewidth=0)
+    ax.set_ylim(0, len(classes))
+    ax.set_yticks(np.arange(len(classes)) + 0.5)
+    ax.set_yticklabels([class_label(c, names) for c in classes], fontsize=8)
+    for tick, cls in zip(ax.get_yticklabels(), classes):
+        if cls in truth:
+            tick.set_fontweight("bold")
+            tick.set_color(TRUE_LABEL_COLOR)
+    ax.set_title("rated segments of this video (green: rated positive, hatched red: rated negative)", fontsize=9,
+                 loc="left")
+
+
+def build_video_figure(expl: VideoExplanation, video: shards.Video, names: Mapping[int, str] | None = None):
+    """The Fig. 5 style figure (a matplotlib ``Figure``, no pyplot state): one panel per plotted class with its
+    rated segments, the video's true labels marked (star, bold, green), and a strip of all its rated segments."""
+    from matplotlib.figure import Figure  # Agg canvas
     from matplotlib.patches import Patch
 
     n, T = expl.attention.shape
     truth = set(np.asarray(video.labels if video.labels is not None else [], np.int64).tolist())
-    labels = [f"{'* ' if int(c) in truth else ''}{class_label(int(c), names)}  (p = {expl.probabilities[c]:.3f})"
-              for c in expl.classes]
-    fig = Figure(figsize=(10, 1.0 + 1.9 * n), layout="constrained")
-    axes = list(fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0])
-    plot_attention_1d(axes, expl.attention, labels, xlabel="time (s; one frame per second)")
-    rated = False
+    strip = len(rated_classes(video))  # rows of the rated-segment strip; 0: no strip
+    labels = [f"{'* ' if int(c) in truth else ''}{class_label(int(c), names)}  (p = {expl.probabilities[c]:.3f}; "
+              f"{'a true label' if int(c) in truth else 'not a label of this video'})" for c in expl.classes]
+    heights = [1.0] * n + ([0.3 + 0.2 * strip] if strip else [])
+    fig = Figure(figsize=(10, 1.0 + 1.9 * sum(heights)), layout="constrained")
+    axes = list(fig.subplots(len(heights), 1, sharex=True, squeeze=False, height_ratios=heights)[:, 0])
+    xlabel = "time (s; one frame per second)"
+    plot_attention_1d(axes[:n], expl.attention, labels, xlabel=xlabel)
     for ax, cls in zip(axes, expl.classes):
         pos, neg = rated_spans(video, int(cls), T)
         mark_spans(ax, pos, positive=True)
         mark_spans(ax, neg, positive=False)
         ax.axhline(1.0 / T, color="gray", linestyle=":", linewidth=1)  # uniform attention
-        rated |= bool(pos or neg)
+        if int(cls) in truth:  # restyle the panel title plot_attention_1d wrote
+            ax.set_title(ax.get_title(loc="left"), loc="left", fontsize=9, fontweight="bold", color=TRUE_LABEL_COLOR)
+    if strip:
+        axes[n - 1].set_xlabel("")
+        plot_rated_segments(axes[n], video, T, names, truth)
+        axes[n].set_xlabel(xlabel)
     truth_text = ", ".join(class_label(c, names) for c in sorted(truth)) or "none"
     fig.suptitle(f"video {video.id}: per-frame attention of its top {n} classes ({T} frames, "
-                 f"{expl.stride} frame(s) per attention step)\nground truth (*): {truth_text}", fontsize=10)
+                 f"{expl.stride} frame(s) per attention step)\ntrue labels (*): {truth_text}", fontsize=10)
     handles = [Patch(facecolor="none", edgecolor="gray", linestyle=":", label="uniform attention 1/T")]
-    if rated:
+    if strip:
         handles += [Patch(color=POSITIVE_COLOR, alpha=0.3, label="rated positive segment"),
                     Patch(facecolor="none", edgecolor=NEGATIVE_COLOR, hatch="///", label="rated negative segment")]
     fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=len(handles))
+    return fig
+
+
+def plot_video_explanation(expl: VideoExplanation, video: shards.Video, out: str | Path,
+                           names: Mapping[int, str] | None = None, dpi: int = 120) -> Path:
+    """Write ``build_video_figure`` as a PNG."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    build_video_figure(expl, video, names).savefig(out, dpi=dpi)
     return out
 
 
@@ -281,11 +398,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a model.train_video run")
     p.add_argument("--data", required=True, help="shards holding the video: a preprocess output dir, glob, gs://")
-    p.add_argument("--id", required=True, help="the video's id")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", help="the video's id")
+    which.add_argument("--pick", choices=PICKS,
+                       help="correct: the video whose top prediction is a true label with the highest confidence "
+                            "(videos with a rated segment of that class first)")
     p.add_argument("--out", required=True, help="PNG to write (OUT.json beside it gets the numbers)")
     p.add_argument("--top-classes", type=int, default=3, help="most probable classes to plot")
-    p.add_argument("--class-names", default=None, metavar="FILE",
-                   help="vocabulary.csv (Index, Name columns), 'id,name' lines or one name per line")
+    p.add_argument("--vocabulary", "--class-names", dest="vocabulary", default=None, metavar="FILE",
+                   help="class names: YouTube-8M's vocabulary.csv (Index, Name columns; the generator writes one "
+                        "beside its labels.json), 'id,name' lines or one name per line")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of --pick's pass over --data")
     p.add_argument("--device", default="auto")
     return p
 
@@ -296,18 +419,28 @@ def main(args) -> dict:
 
     if args.top_classes < 1:
         raise ExplainError(f"--top-classes must be >= 1, got {args.top_classes}")
-    names = read_class_names(args.class_names) if args.class_names else None
+    names = read_class_names(args.vocabulary) if args.vocabulary else None
     device = resolve_device(args.device)
     model, train_args = load_model(args.checkpoint, device)
     features = tuple(train_args["features"].split(","))
-    video = find_video(args.data, args.id, features)
+    picked = None
+    video_id = args.id
+    if args.pick:
+        picked = pick_video(model, args.data, features, int(train_args["num_classes"]),
+                            int(train_args["max_frames"]), device, args.batch_size)
+        video_id = picked.id
+        print(f"picked {picked.describe(names)}")
+    video = find_video(args.data, video_id, features)
     frames = np.concatenate([video.features[f] for f in features], axis=1)[:int(train_args["max_frames"])]
     expl = explain_video(model, frames, args.top_classes)
     out = plot_video_explanation(expl, video, args.out, names)
+    shown = sorted(set(expl.classes.tolist()) | set([] if video.labels is None else video.labels.tolist()))
     record = {"args": vars(args), "resolved_device": str(device), "video": video.id, "frames": int(len(frames)),
               "labels": [] if video.labels is None else video.labels.tolist(), "stride": expl.stride,
               "classes": expl.classes.tolist(),
               "probabilities": [float(expl.probabilities[c]) for c in expl.classes],
+              "names": {str(c): class_label(c, names) for c in shown},
+              "pick": None if picked is None else vars(picked),
               "attention": expl.attention.round(6).tolist()}
     out.with_name(out.name + ".json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out} ({video.id}: top classes {', '.join(class_label(int(c), names) for c in expl.classes)})")

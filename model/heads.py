@@ -2,7 +2,10 @@
 mask all true). Every head maps to logits (B, K); the attention heads also expose ``attention() -> (B, K, M)``.
 
 * ``CMAHead``: cross-modality attention (paper, Eq. 6-10) guided by fixed label embeddings from ASGE.
-* ``SelfAttentionHead``: the paper's self-attention baseline, K sigmoid attention maps from a 1x1 conv.
+* ``SelfAttentionHead``: the paper's self-attention baseline (Tables 3-4), ONE sigmoid attention map from a
+  1x1 conv, shared by all classes.
+* ``PerClassSelfAttentionHead``: K sigmoid attention maps from a 1x1 conv, one per class (not in the paper;
+  a stronger baseline, and what ``self-attn`` meant in checkpoints written before the single-map head).
 * ``MeanPoolHead``: masked mean over M, then a linear classifier.
 
 Aggregation (Eq. 9-10) never builds the per-class features h (B, K, C), which is 256 x 3862 x 512 floats (2 GB)
@@ -107,7 +110,7 @@ class CMAHead(nn.Module):
     (not in the paper). Eq. 7's weights are proportional to cosines in [0, 1], so a step can outweigh a background
     step only by the ratio of their cosines, and across many steps the evidence stays diluted. On the Table 4 bench
     (YouTube-8M-length videos, mean of two seeds) the softmax with s = 10 raised CMA-SNet from 58.7 to 70.0 GAP,
-    against 67.3 for the self-attention head and 53.7 for mean pooling; see the README.
+    against 67.3 for the per-class self-attention head and 53.7 for mean pooling; see the README.
 
     Args:
         in_channels: C of the visual features I.
@@ -183,7 +186,51 @@ class CMAHead(nn.Module):
 
 
 class SelfAttentionHead(nn.Module):
-    """The paper's self-attention baseline: Eq. 7 replaced by z_k^i = sigmoid(conv1x1(I)^i)_k, then Eq. 8-10.
+    """The paper's self-attention baseline (Tables 3-4): Eq. 7 replaced by z^i = sigmoid(f_conv(I^i)), one scalar
+    per step, so a single attention map per video is shared by all categories; then Eq. 8-10.
+
+    With one map for every class, Eq. 9 gives the same pooled feature h = sum_i a^i I^i for all K classes, so the
+    fused form pools once (B, C) and classifies it; ``fused=False`` keeps the literal per-class form (B, K, C).
+
+    Args:
+        in_channels: C of the visual features.
+        num_classes: K.
+        fused: pool once, then classify (see above); False builds h for every class.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, fused: bool = True):
+        super().__init__()
+        self.attn_conv = nn.Linear(in_channels, 1)
+        self.classifier = nn.Linear(in_channels, num_classes)
+        self.num_classes = num_classes
+        self.fused = fused
+
+    def attention_map(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The shared map: (B, 1, M) weights, zero at padded steps, summing to 1 over valid steps."""
+        B, M, C = feats.shape
+        feats = feats.masked_fill(~mask.unsqueeze(-1), 0.0)
+        z = torch.sigmoid(self.attn_conv(feats)).transpose(1, 2)  # (B, 1, M)
+        return normalize_attention(z, mask)
+
+    def attention(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The shared map expanded to every class, (B, K, M) like the other heads' (a view, no copy)."""
+        B, M, C = feats.shape
+        return self.attention_map(feats, mask).expand(B, self.num_classes, M)
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, M, C = feats.shape
+        feats = feats.masked_fill(~mask.unsqueeze(-1), 0.0)
+        attn = self.attention_map(feats, mask)  # (B, 1, M)
+        if self.fused:
+            return self.classifier((attn @ feats).squeeze(1))  # (B, C) -> (B, K)
+        attn = attn.expand(B, self.num_classes, M)  # (B, K, M)
+        return aggregate_logits(attn, feats, self.classifier.weight, self.classifier.bias, fused=False)
+
+
+class PerClassSelfAttentionHead(nn.Module):
+    """Self-attention with one map per class: z_k^i = sigmoid(conv1x1(I)^i)_k, then Eq. 8-10. Not the paper's
+    baseline (its map is shared by all classes, ``SelfAttentionHead``); kept as ``self-attn-per-class`` and for
+    checkpoints written when ``self-attn`` named this head.
 
     Args:
         in_channels: C of the visual features.
@@ -236,7 +283,8 @@ class MeanPoolHead(nn.Module):
         return self.classifier(pooled)
 
 
-HEADS = {"mean": MeanPoolHead, "self-attn": SelfAttentionHead, "cma": CMAHead}
+HEADS = {"mean": MeanPoolHead, "self-attn": SelfAttentionHead, "self-attn-per-class": PerClassSelfAttentionHead,
+         "cma": CMAHead}
 
-__all__ = ["CMAHead", "SelfAttentionHead", "MeanPoolHead", "CrossModalityTransformer", "HEADS",
-           "normalize_attention", "aggregate_logits"]
+__all__ = ["CMAHead", "SelfAttentionHead", "PerClassSelfAttentionHead", "MeanPoolHead", "CrossModalityTransformer",
+           "HEADS", "normalize_attention", "aggregate_logits"]

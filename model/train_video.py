@@ -11,7 +11,10 @@ Segment fine-tuning (2019 challenge recipe: video labels first, then a few thous
     python -m model.train_video --segment-labels --init runs/cma/best.pt --train DATA/validate_a --val DATA/validate_b ...
 
 Each rated (video, segment) becomes a 5-frame example whose targets are its ratings (1/0); unrated classes are
-ignored by the loss. Validation (and best.pt) then uses the segment MAP on the rated segments of --val.
+ignored by the loss. Validation (and best.pt) then uses the segment MAP@100000 of --val computed by the same call
+as ``model.evaluate --segments`` (``model.segments.rated_segment_map``: every window ranked, ratings read from the
+shards), so ``metrics.json``'s ``val_segment_map`` of the best epoch is what ``model.evaluate`` reports for best.pt
+when it runs with the same --batch-size (batching can move scores by float rounding, and so break ties).
 """
 from __future__ import annotations
 
@@ -34,18 +37,38 @@ from model.data import DataError, dataset_summary, make_loader
 from model.device import autocast, resolve_device
 from model.losses import ClassBalancedBCE, label_frequencies
 from model.metrics import VideoMetrics
-from model.segments import rated_segment_map, segment_training_examples
-from model.heads import CMA_ATTENTION
-from model.video_model import CMA_FLAG_DEFAULTS, build_model
+from model.metrics import SEGMENT_TOP_K
+from model.segments import rated_segment_map, read_segment_ratings, segment_training_examples
+from model.heads import CMA_ATTENTION, HEADS
+from model.video_model import CMA_FLAG_DEFAULTS, build_model, resolve_legacy_head
 
 # Flags a checkpoint must agree on before it can be resumed or used by --init: they fix the architecture.
 ARCH_KEYS = ("head", "backbone", "features", "num_classes", "feature_dim", "width", "cma_attention", "cma_scale",
              "finetune_label_emb")
 
 
-def with_arch_defaults(ckpt_args):
-    """A checkpoint's args with ``CMA_FLAG_DEFAULTS`` filled in where they predate those flags."""
-    return {**CMA_FLAG_DEFAULTS, **ckpt_args} if isinstance(ckpt_args, dict) else ckpt_args
+def arch_keys(head: str) -> list[str]:
+    """The ``ARCH_KEYS`` that shape a model with this head: the CMA flags only matter to the CMA head."""
+    return [k for k in ARCH_KEYS if head == "cma" or k not in CMA_FLAG_DEFAULTS]
+
+
+def with_arch_defaults(ckpt_args, model_state=None):
+    """A checkpoint's args with ``CMA_FLAG_DEFAULTS`` filled in where they predate those flags and, given its
+    weights, the head renamed where the name changed meaning (``video_model.resolve_legacy_head``)."""
+    if not isinstance(ckpt_args, dict):
+        return ckpt_args
+    a = {**CMA_FLAG_DEFAULTS, **ckpt_args}
+    return resolve_legacy_head(a, model_state) if model_state is not None else a
+
+
+def adopt_legacy_head(args, saved_args, resolved_args, source: str) -> None:
+    """``--head self-attn`` on a checkpoint that saved the per-class head under that name (before the paper's
+    single-map head took it) continues with the checkpoint's head, so old runs resume and --init as before."""
+    if (args.head == "self-attn" and isinstance(saved_args, dict) and saved_args.get("head") == "self-attn"
+            and resolved_args.get("head") == "self-attn-per-class"):
+        print(f"{source}: per-class self-attention saved as 'self-attn' (before the paper's single-map head took "
+              f"the name); continuing with --head self-attn-per-class", file=sys.stderr)
+        args.head = "self-attn-per-class"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,9 +76,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="training shards: a preprocess output dir, glob or gs:// path")
     p.add_argument("--val", default=None, help="validation shards (metrics each epoch, best.pt by GAP)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--head", choices=("mean", "self-attn", "cma"), default="cma")
+    p.add_argument("--head", choices=tuple(HEADS), default="cma",
+                   help="cma (the paper's); self-attn: the paper's baseline, one attention map shared by all "
+                        "classes; self-attn-per-class: one map per class; mean: mean pooling")
     p.add_argument("--backbone", choices=("snet", "fc"), default="snet")
     p.add_argument("--features", default="rgb", choices=("rgb", "rgb,audio"))
+    # The paper gives no width. 128 trains 4-5x faster on a CPU but cost 0.05 GAP on the real video-level shards
+    # (README, "Real YouTube-8M data"), so the default stays 512.
     p.add_argument("--width", type=int, default=512, help="channels of every SNet stage / both FC layers")
     p.add_argument("--num-classes", type=int, default=3862)
     p.add_argument("--max-frames", type=int, default=300)
@@ -63,8 +90,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="label embeddings from `python -m model.asge`; 'random' for the embedding ablation; "
                         "default: fit ASGE on the training labels first")
     p.add_argument("--asge-epochs", type=int, default=asge.DEFAULT_EPOCHS)
-    p.add_argument("--cma-attention", choices=CMA_ATTENTION, default=CMA_FLAG_DEFAULTS["cma_attention"],
-                   help="relu: Eq. 7 as in the paper; softmax: softmax of --cma-scale x cosine over time (sharper)")
+    # Not the paper's Eq. 7 by default: on planted data at the default 1024 dims and width 512 (1200 videos), Eq. 7
+    # lost to mean pooling (GAP 0.208 against 0.291) while the softmax beat it (0.357); README, Table 4 section.
+    p.add_argument("--cma-attention", choices=CMA_ATTENTION, default="softmax",
+                   help="softmax (default, not in the paper): softmax of --cma-scale x cosine over time; relu: the "
+                        "paper's Eq. 7-8, weights proportional to the cosines")
     p.add_argument("--cma-scale", type=float, default=CMA_FLAG_DEFAULTS["cma_scale"],
                    help="scale of --cma-attention softmax")
     p.add_argument("--finetune-label-emb", action="store_true",
@@ -74,6 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the visual features entering the head")
     p.add_argument("--lr-decay", type=float, default=0.8, help="multiply the lr by this every --lr-decay-samples")
     p.add_argument("--lr-decay-samples", type=float, default=2e6)
     p.add_argument("--beta", type=float, default=0.0, help="class-balance exponent of Eq. 12 (paper, video: 0)")
@@ -88,7 +119,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("segment fine-tuning (2019 challenge)")
     g.add_argument("--segment-labels", action="store_true",
                    help="train on the rated segments of --train (5-frame windows; unrated classes ignored by the "
-                        "loss); validate by segment MAP on the rated segments of --val")
+                        "loss); validate (and pick best.pt) by the segment MAP@100000 of --val, the number "
+                        "model.evaluate --segments gives")
     g.add_argument("--init", default=None, metavar="CKPT",
                    help="start from the weights of this checkpoint (e.g. a video-level run's best.pt)")
     g.add_argument("--segment-scorer", default="frames", choices=("frames", "context"),
@@ -202,9 +234,9 @@ def load_init_checkpoint(args) -> dict:
     """``--init``: another run's checkpoint (same architecture), e.g. video-level training before segment
     fine-tuning. Only its weights are used; optimizer, schedule and epoch start fresh."""
     ckpt = load_checkpoint(args.init, map_location="cpu")
-    a = ckpt.get("args") or {}
-    a = with_arch_defaults(a)
-    check_compatible(a, vars(args), [k for k in ARCH_KEYS if k in a])
+    a = with_arch_defaults(ckpt.get("args") or {}, ckpt.get("model") or {})
+    adopt_legacy_head(args, ckpt.get("args"), a, f"--init {args.init}")
+    check_compatible(a, vars(args), [k for k in arch_keys(args.head) if k in a])
     return ckpt
 
 
@@ -233,7 +265,9 @@ def main(args) -> dict:
                                num_classes=args.num_classes, max_frames=args.max_frames, shuffle=True,
                                shuffle_buffer=args.shuffle_buffer, seed=args.seed, device=device,
                                segment_labels=args.segment_labels)
-    val_loader = None
+    val_loader = val_ratings = None
+    if args.val and args.segment_labels:
+        val_ratings = read_segment_ratings(args.val)  # all of them, also ratings past a video's last frame
     if args.val:
         val_loader = make_loader(args.val, batch_size=args.batch_size, workers=args.workers, features=features,
                                  num_classes=args.num_classes, max_frames=args.max_frames, shuffle=False,
@@ -243,7 +277,9 @@ def main(args) -> dict:
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(resume_path)
-        check_compatible(with_arch_defaults(ckpt["args"]), vars(args), ARCH_KEYS)
+        stored = with_arch_defaults(ckpt["args"], ckpt["model"])
+        adopt_legacy_head(args, ckpt["args"], stored, str(resume_path))
+        check_compatible(stored, vars(args), arch_keys(args.head))
     init = load_init_checkpoint(args) if args.init and ckpt is None else None
     train_labels = asge.read_training_labels(args.train)
     label_emb = None
@@ -280,8 +316,9 @@ def main(args) -> dict:
         record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": v for k, v in train_stats.items()}}
         if val_loader is not None and args.segment_labels:
-            rep_ = rated_segment_map(model, val_loader, device, args.segment_scorer)
-            record.update(val_segment_map=rep_.map, val_segment_classes=rep_.classes)
+            rep_ = rated_segment_map(model, val_loader, device, args.segment_scorer, SEGMENT_TOP_K,
+                                     ratings=val_ratings)
+            record.update(val_segment_map=rep_.map, val_segment_classes=rep_.scored_classes)
             if writer is not None:
                 writer.add_scalar("val/segment_map", rep_.map, epoch)
         elif val_loader is not None:

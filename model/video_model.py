@@ -26,18 +26,21 @@ class VideoClassifier(nn.Module):
     Args:
         backbone: module with ``forward(x, mask) -> (feats, mask)`` and ``out_channels``.
         head: module with ``forward(feats, mask) -> logits``.
+        dropout: drop probability on the visual features entering the head (training only; no weights, so a
+            checkpoint loads whatever it was trained with).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, dropout: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.drop = nn.Dropout(dropout)
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backbone(x, mask)
 
     def forward_head(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.head(feats, mask)
+        return self.head(self.drop(feats), mask)
 
     def attention(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's attention over backbone steps, (B, K, T'), with the (B, T') step mask (for plots)."""
@@ -56,7 +59,8 @@ def build_video_model(head: str, backbone: str, in_dim: int, num_classes: int,
     """Build one of the paper's Table 4 models (plus the mean-pooling baseline).
 
     Args:
-        head: 'mean', 'self-attn' or 'cma'.
+        head: 'mean', 'self-attn' (the paper's: one attention map shared by all classes), 'self-attn-per-class'
+            (one map per class) or 'cma'.
         backbone: 'snet' or 'fc'.
         in_dim: frame feature dimension D.
         num_classes: K.
@@ -93,8 +97,10 @@ def build_model(args: Any, label_embeddings: torch.Tensor | None = None) -> Vide
     a = args if isinstance(args, Mapping) else vars(args)
     kw = backbone_width_kw(a["backbone"], a["width"]) if a.get("width") else None
     head_kw = cma_head_kw(a) if a["head"] == "cma" else {}
-    return build_video_model(a["head"], a["backbone"], in_dim=a["feature_dim"], num_classes=a["num_classes"],
-                             label_embeddings=label_embeddings, backbone_kw=kw, **head_kw)
+    model = build_video_model(a["head"], a["backbone"], in_dim=a["feature_dim"], num_classes=a["num_classes"],
+                              label_embeddings=label_embeddings, backbone_kw=kw, **head_kw)
+    model.drop.p = float(a.get("dropout") or 0.0)
+    return model
 
 
 # CMA flags of model.train_video, with the values that checkpoints written before them imply (the paper's Eq. 7
@@ -108,3 +114,18 @@ def cma_head_kw(a: Mapping[str, Any]) -> dict[str, Any]:
     f = {**CMA_FLAG_DEFAULTS, **{k: a[k] for k in CMA_FLAG_DEFAULTS if a.get(k) is not None}}
     return {"attention": f["cma_attention"], "scale": float(f["cma_scale"]),
             "finetune_embeddings": bool(f["finetune_label_emb"])}
+
+
+def resolve_legacy_head(ckpt_args: Mapping[str, Any], model_state: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's args with the head renamed where the name changed meaning.
+
+    Checkpoints written before the paper's single-map self-attention head store ``head="self-attn"`` for the
+    per-class head, whose ``head.attn_conv.weight`` is (K, C) instead of (1, C); those get
+    ``"self-attn-per-class"``. The weight's shape tells them apart, so no flag is needed (for K = 1 both heads are
+    the same model).
+    """
+    a = dict(ckpt_args)
+    w = model_state.get("head.attn_conv.weight")
+    if a.get("head") == "self-attn" and w is not None and w.ndim == 2 and w.shape[0] != 1:
+        a["head"] = "self-attn-per-class"
+    return a

@@ -14,8 +14,10 @@ paper's claims can be checked on a laptop:
   subspace, plus a little per-frame noise, with a decaying per-dimension spread like PCA-ordered features.
 
 The class ids, groups and prototypes come from a fixed structural seed, independent of ``--seed``, so train and
-validation splits made with different seeds share them. ``DIR/labels.json`` documents the structure and
-``DIR/config.json`` the resolved arguments and counts. Same arguments -> byte-identical files.
+validation splits made with different seeds share them. ``DIR/labels.json`` documents the structure,
+``DIR/vocabulary.csv`` names the classes in YouTube-8M's format ("strong-3", "faint-2 (host strong-3)"; plots and
+``model.explain --vocabulary`` show them) and ``DIR/config.json`` holds the resolved arguments and counts. Same
+arguments -> byte-identical files.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import numpy as np
 from pipeline.errors import Yt8mError
 from pipeline.records import (AUDIO_DIM, MAX_FRAMES, RGB_DIM, SEGMENT_FRAMES, VOCAB_SIZE, VideoRecord,
                               encode_example, encode_sequence_example, quantize)
+from pipeline.vocabulary import write_vocabulary
 
 STRUCTURE_SEED = 20200207  # fixed: every split shares classes and prototypes whatever --seed is
 NUM_GROUPS = 12
@@ -151,6 +154,31 @@ def build_structure() -> Structure:
         rgb_prototypes=rgb_protos, audio_prototypes=audio_protos,
         rgb_mean=rng.normal(0.0, MEAN_SPREAD, RGB_DIM), rgb_scale=rgb_scale,
         audio_mean=rng.normal(0.0, MEAN_SPREAD, AUDIO_DIM), audio_scale=np.full(AUDIO_DIM, AUDIO_SCALE))
+
+
+def class_names(s: Structure) -> dict[int, str]:
+    """Class id -> a name that says what the class is: strong classes numbered in id order ("strong-3"), faint ones
+    with their host ("faint-2 (host strong-3)")."""
+    strong = {c: f"strong-{n}" for n, c in enumerate(s.strong_ids, 1)}
+    faint = sorted(s.faint_host)
+    return {**strong, **{f: f"faint-{n} (host {strong[s.faint_host[f]]})" for n, f in enumerate(faint, 1)}}
+
+
+def vocabulary_rows(s: Structure, class_counts: dict[int, int]) -> list[dict]:
+    """``vocabulary.csv`` rows of the generator's classes, in id order. TrainVideoCount counts the videos of the
+    split written (of the training split when it is one); Vertical1 is the co-occurrence group."""
+    names = class_names(s)
+    group_of = {c: g for g, members in enumerate(s.groups) for c in members}
+    rows = []
+    for c in s.class_ids.tolist():
+        if c in s.faint_host:
+            what = (f"Synthetic faint class: always co-occurs with class {s.faint_host[c]} ({names[s.faint_host[c]]}) "
+                    f"and shows weak evidence (x{FAINT_FACTOR}) inside that class's segments only.")
+        else:
+            what = "Synthetic strong class: its evidence is planted in a few 5-second segments of its videos."
+        rows.append({"Index": c, "TrainVideoCount": class_counts.get(c, 0), "Name": names[c],
+                     "Vertical1": f"group {group_of[c]}", "WikiDescription": what})
+    return rows
 
 
 @dataclass
@@ -366,6 +394,7 @@ def generate(out: str, videos: int, shards: int, seed: int, segments: bool = Fal
         "class_counts": {str(c): n for c, n in class_counts.items()},
     }
     (out_dir / "labels.json").write_text(json.dumps(structure.to_json(), indent=1) + "\n")
+    write_vocabulary(out_dir / "vocabulary.csv", vocabulary_rows(structure, class_counts))
     (out_dir / "config.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from model.backbones import FCBackbone, MaskedBatchNorm1d, SNet, masked_max_pool1d
-from model.heads import CMAHead, MeanPoolHead, SelfAttentionHead, aggregate_logits, normalize_attention
+from model.heads import (HEADS as HEAD_CLASSES, CMAHead, MeanPoolHead, PerClassSelfAttentionHead, SelfAttentionHead,
+                         aggregate_logits, normalize_attention)
 from model.video_model import ModelConfigError, VideoClassifier, build_video_model
 
 D, K, E = 12, 7, 6
-HEADS = ["mean", "self-attn", "cma"]
+HEADS = list(HEAD_CLASSES)  # every head a model can be built with
+ATTENTION_HEADS = [h for h in HEADS if h != "mean"]
 BACKBONES = ["snet", "fc"]
 
 
@@ -138,7 +140,7 @@ def test_model_logits_do_not_depend_on_padding(head, backbone):
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("head", ["self-attn", "cma"])
+@pytest.mark.parametrize("head", ATTENTION_HEADS)
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_fused_equals_naive_forward_and_gradients(head, backbone):
     fused = small_model(head, backbone, fused=True)
@@ -179,6 +181,8 @@ def make_head(name: str, C: int = 5, **kw):
         return CMAHead(C, K, embed_dim=E, **kw)
     if name == "self-attn":
         return SelfAttentionHead(C, K, **kw)
+    if name == "self-attn-per-class":
+        return PerClassSelfAttentionHead(C, K, **kw)
     return MeanPoolHead(C, K)
 
 
@@ -194,6 +198,27 @@ def test_head_padded_steps_get_zero_attention_and_do_not_change_logits(name):
     assert (a.permute(0, 2, 1)[~mask] == 0).all()
     torch.testing.assert_close(a.sum(-1), torch.ones(2, K))
     torch.testing.assert_close(head(feats, mask), head(other, mask))
+
+
+@pytest.mark.parametrize("name", HEADS)
+@pytest.mark.parametrize("fused", [True, False])
+def test_head_shapes_finite_gradients_and_attention(name, fused):
+    head = make_head(name, **({} if name == "mean" else {"fused": fused}))
+    feats = torch.randn(3, 6, 5)
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    logits = head(feats, mask)
+    assert logits.shape == (3, K) and torch.isfinite(logits).all()
+    a = head.attention(feats, mask)
+    assert a.shape == (3, K, 6) and torch.isfinite(a).all() and (a >= 0).all()
+    torch.testing.assert_close(a.sum(-1), torch.ones(3, K))
+    assert (a.permute(0, 2, 1)[~mask] == 0).all()
+    if name in ("self-attn", "mean"):  # one map for every class
+        assert torch.equal(a, a[:, :1].expand_as(a))
+    else:  # per-class maps differ between classes
+        assert not torch.allclose(a[0, 0], a[0, 1])
+    (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
+    for pname, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
 
 
 @pytest.mark.parametrize("name", HEADS)
@@ -214,8 +239,24 @@ def test_mean_head_is_masked_mean_then_linear():
     torch.testing.assert_close(head(feats, mask), pooled @ head.classifier.weight.t() + head.classifier.bias)
 
 
-def test_self_attention_is_sigmoid_of_conv_normalized():
+def test_self_attention_is_one_map_shared_by_all_classes():
+    """The paper's baseline: z^i = sigmoid(f_conv(I^i)), one scalar per step, normalized over the valid steps."""
     head = make_head("self-attn")
+    assert head.attn_conv.weight.shape == (1, 5)
+    feats = torch.rand(2, 4, 5)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    z = torch.sigmoid(feats @ head.attn_conv.weight.t() + head.attn_conv.bias).squeeze(-1) * mask  # (B, M)
+    expected = (z / z.sum(-1, keepdim=True)).unsqueeze(1).expand(2, K, 4)
+    a = head.attention(feats, mask)
+    torch.testing.assert_close(a, expected)
+    assert torch.equal(a, a[:, :1].expand_as(a))  # bit-identical across classes
+    # every class pools the same feature: logits are one classifier applied to h = sum_i a^i I^i
+    h = (expected[:, 0, :, None] * feats).sum(1)  # (B, C)
+    torch.testing.assert_close(head(feats, mask), head.classifier(h))
+
+
+def test_per_class_self_attention_is_sigmoid_of_conv_normalized():
+    head = make_head("self-attn-per-class")
     feats = torch.rand(1, 3, 5)
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
     z = torch.sigmoid(feats[0, :2] @ head.attn_conv.weight.t() + head.attn_conv.bias)  # (2, K)
@@ -327,3 +368,18 @@ def test_build_video_model_rejects_unknown_names_and_arguments():
         build_video_model("mean", "fc", in_dim=D, num_classes=K, no_such_option=1)
     with pytest.raises(ValueError, match="label_embeddings"):
         build_video_model("cma", "fc", in_dim=D, num_classes=K, label_embeddings=torch.randn(K + 1, E))
+
+
+def test_dropout_acts_in_training_only_and_loads_into_any_model():
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 40, 16), torch.ones(4, 40, dtype=torch.bool)
+    from model.video_model import build_model
+
+    args = {"head": "mean", "backbone": "fc", "feature_dim": 16, "num_classes": 5, "width": 8}
+    plain, dropped = build_model(args), build_model({**args, "dropout": 0.5})
+    assert dropped.drop.p == 0.5 and plain.drop.p == 0.0
+    dropped.train()
+    assert not torch.equal(dropped(x, mask), dropped(x, mask))  # a new mask every call
+    dropped.load_state_dict(plain.state_dict())  # dropout has no weights: checkpoints are interchangeable
+    plain.eval(), dropped.eval()
+    assert torch.equal(dropped(x, mask), plain(x, mask))

@@ -190,3 +190,34 @@ def test_check_compatible_names_every_mismatched_flag():
     with pytest.raises(CheckpointError, match="--feature-dim <absent>"):
         check_compatible({k: v for k, v in stored.items() if k != "feature_dim"}, stored)
     check_compatible(stored, {"head": "mean", "backbone": "snet"}, keys=("backbone",))  # only the keys asked for are compared
+
+
+def test_per_class_self_attention_saved_as_self_attn_loads_as_per_class(tmp_path):
+    """Checkpoints from before the paper's single-map head call the per-class head 'self-attn'; its (K, C)
+    attention conv tells it apart, and every loader maps it to 'self-attn-per-class'."""
+    from model.evaluate import load_model
+    from model.heads import PerClassSelfAttentionHead, SelfAttentionHead
+    from model.train_video import ARCH_KEYS, with_arch_defaults
+    from model.video_model import build_model, resolve_legacy_head
+
+    args = {"head": "self-attn-per-class", "backbone": "fc", "features": "rgb", "feature_dim": 6,
+            "num_classes": 4, "width": 8, "max_frames": 300}
+    torch.manual_seed(0)
+    old = build_model(args).eval()
+    save_checkpoint(tmp_path / "old.pt", {"model": old.state_dict(), "args": {**args, "head": "self-attn"}})
+    model, a = load_model(str(tmp_path / "old.pt"), torch.device("cpu"))
+    assert isinstance(model.head, PerClassSelfAttentionHead) and a["head"] == "self-attn-per-class"
+    x, mask = torch.randn(2, 5, 6), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, mask), old(x, mask))
+
+    stored = load_checkpoint(tmp_path / "old.pt")
+    resolved = with_arch_defaults(stored["args"], stored["model"])
+    check_compatible(resolved, args, ARCH_KEYS[:5])  # an explicit per-class run matches it
+    with pytest.raises(CheckpointError, match="--head self-attn-per-class in the checkpoint vs self-attn now"):
+        check_compatible(resolved, {**args, "head": "self-attn"}, ARCH_KEYS[:5])
+
+    new = build_model({**args, "head": "self-attn"})  # the single-map head keeps its name
+    assert isinstance(new.head, SelfAttentionHead)
+    assert resolve_legacy_head({"head": "self-attn"}, new.state_dict())["head"] == "self-attn"
+    assert resolve_legacy_head({"head": "cma"}, old.state_dict())["head"] == "cma"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +163,71 @@ def test_plot_attention_1d_overlaid_and_checked():
     assert ax.get_xlim() == (10, 13) and ax.get_xlabel() == "token"
     with pytest.raises(explain.ExplainError):
         explain.plot_attention_1d(ax, attention, ["only one"])
+
+
+REAL_VOCABULARY = Path(__file__).resolve().parents[2] / "shared" / "reference" / "yt8m_labels" / "vocabulary.csv"
+
+
+@pytest.mark.skipif(not REAL_VOCABULARY.exists(), reason="shared/reference/yt8m_labels not beside the checkout")
+def test_real_youtube8m_vocabulary_parses():
+    names = explain.read_class_names(REAL_VOCABULARY)
+    assert len(names) == 3862 and sorted(names) == list(range(3862))
+    assert names[0] == "Game" and names[2] == "Vehicle"
+    assert "Nike, Inc." in names.values()  # quoted field with a comma
+    unnamed = next(c for c, n in names.items() if not n)  # the 2018 file leaves some names empty
+    assert explain.class_label(unnamed, names) == f"class {unnamed}"
+
+
+def test_vocabulary_without_name_column_is_refused(tmp_path):
+    from pipeline.vocabulary import VocabularyError, read_vocabulary
+
+    bad = tmp_path / "v.csv"
+    bad.write_text("Index,TrainVideoCount\n0,3\n")
+    with pytest.raises(VocabularyError, match="Index and Name"):
+        read_vocabulary(bad)
+
+
+def _vocabulary(tmp_path):
+    from pipeline.vocabulary import write_vocabulary
+
+    path = tmp_path / "vocabulary.csv"
+    write_vocabulary(path, [{"Index": i, "Name": n, "WikiDescription": "a, \"quoted\" text"}
+                            for i, n in enumerate(["Skiing", "Snowboarding", "Mountain, snowy", "Car"])])
+    return path
+
+
+def test_figure_names_classes_and_marks_true_labels_and_ratings(video_data, tmp_path):
+    names = explain.read_class_names(_vocabulary(tmp_path))
+    assert names[2] == "Mountain, snowy"
+    video = explain.find_video(str(video_data), "rated")
+    expl = explain.VideoExplanation(probabilities=np.linspace(0.9, 0.4, NUM_CLASSES), classes=np.array([0, 1]),
+                                    attention=np.full((2, 45), 1 / 45), stride=16)
+    fig = explain.build_video_figure(expl, video, names)
+    axes = fig.get_axes()
+    assert len(axes) == 3  # two classes and the rated-segment strip
+    from matplotlib.text import Text
+
+    titles = [ax.get_title(loc="left") for ax in axes[:2]]
+    assert titles[0].startswith("* 0 Skiing") and "a true label" in titles[0]
+    assert titles[1].startswith("1 Snowboarding") and "not a label" in titles[1]
+    weight = {t.get_text(): t.get_fontweight() for t in fig.findobj(Text)}
+    assert weight[titles[0]] == "bold" and weight[titles[1]] == "normal"
+    ticks = axes[2].get_yticklabels()  # the strip: one row per rated class, true labels bold
+    assert [t.get_text() for t in ticks] == ["0 Skiing", "1 Snowboarding"]
+    assert [t.get_fontweight() for t in ticks] == ["bold", "normal"]
+    assert "2 Mountain, snowy" in fig.get_suptitle()
+
+
+def test_cli_pick_correct_with_vocabulary_writes_png_with_names(video_data, tmp_path):
+    out = tmp_path / "pick.png"
+    record = explain.main(explain.get_args_parser().parse_args(
+        ["--checkpoint", str(video_data / "best.pt"), "--data", str(video_data), "--pick", "correct",
+         "--out", str(out), "--top-classes", "2", "--vocabulary", str(_vocabulary(tmp_path)), "--device", "cpu"]))
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    # every video has label 0 on top (the bias); only 'rated' has a rated segment of class 0
+    assert record["video"] == "rated" and record["pick"]["correct"] and record["pick"]["rated"]
+    assert record["pick"]["videos"] == record["pick"]["correct_videos"] == 5
+    assert record["names"] == {"0": "0 Skiing", "1": "1 Snowboarding", "2": "2 Mountain, snowy"}
+    with pytest.raises(SystemExit):  # --id and --pick exclude each other
+        explain.get_args_parser().parse_args(["--checkpoint", "c", "--data", "d", "--out", "o", "--id", "x",
+                                              "--pick", "correct"])

@@ -108,14 +108,16 @@ def test_train_and_validation_splits_end_to_end(raw, tmp_path):
         np.testing.assert_allclose(w.eigenvalues, values, rtol=1e-8)
         np.testing.assert_allclose(np.abs(np.sum(w.components * vectors, axis=1)), 1.0, atol=1e-8)
 
-    # the written training features are white: mean 0, covariance identity (up to float16 and epsilon)
+    # the written training features are decorrelated, with variance eigenvalue / regularized variance along each
+    # axis (identity without shrinkage and epsilon; up to float16)
     written = shard_rows(train, ("rgb", "audio"))
     assert set(written) == set(expected)
     for name, dims in (("rgb", 32), ("audio", 16)):
         x = np.concatenate([written[i].features[name] for i in sorted(written)]).astype(np.float64)
         assert x.shape[1] == dims
         assert np.abs(x.mean(axis=0)).max() < 5e-3
-        np.testing.assert_allclose(np.cov(x, rowvar=False), np.eye(dims), atol=5e-3)
+        white = np.diag(ws[name].eigenvalues / ws[name].variances)
+        np.testing.assert_allclose(np.cov(x, rowvar=False), white, atol=5e-3 * white.max())
     for vid, v in written.items():
         np.testing.assert_array_equal(np.sort(v.labels), np.sort(expected[vid]["labels"]))
         assert v.num_frames == expected[vid]["rgb"].shape[0]
@@ -202,7 +204,7 @@ def test_every_bad_input_kind_is_dead_lettered_and_counted(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     mixed = [
-        ("ok", _good(0, segments=[0, 10, 40])),  # first record: the shards get segment columns; 1 rating dropped
+        ("ok", _good(0, segments=[0, 10, 40])),  # first record: the shards get segment columns; 1 rating past the end
         ("bad_frame_length", _sequence_example(rgb_bytes=1000)),
         ("frame_count_mismatch", _sequence_example(rgb_frames=5, audio_frames=4)),
         ("zero_frames", _sequence_example(rgb_frames=0)),
@@ -237,7 +239,7 @@ def test_every_bad_input_kind_is_dead_lettered_and_counted(tmp_path):
     assert summary["dead_lettered"] == {r: 1 for r in reasons}
     assert summary["read"] == len(mixed) + 3 + 3 == summary["written"] + summary["dead_lettered_total"]
     assert summary["invariant_holds"]
-    assert (summary["truncated_records"], summary["truncated_frames"], summary["dropped_segments"]) == (1, 5, 1)
+    assert (summary["truncated_records"], summary["truncated_frames"], summary["segments_past_end"]) == (1, 5, 1)
 
     expected = {(str(src / "a_mixed.tfrecord"), off, r) for (r, _), off in zip(mixed, mixed_offsets) if r != "ok"}
     expected |= {(str(src / "b_bad_crc.tfrecord"), crc_offsets[1], "bad_data_crc"),
@@ -251,7 +253,9 @@ def test_every_bad_input_kind_is_dead_lettered_and_counted(tmp_path):
     written = shard_rows(out)
     assert set(written) == good_ids
     assert written["ok02"].num_frames == 300
-    np.testing.assert_array_equal(written["ok00"].segment_start_times, [0, 10])
+    # the rating at 40 starts past the last of 20 frames: kept in the shard (the segment MAP counts it)
+    np.testing.assert_array_equal(written["ok00"].segment_start_times, [0, 10, 40])
+    np.testing.assert_array_equal(written["ok00"].segment_scores, [1, 1, 1])
     assert written["ok03"].segment_start_times.size == 0  # schema has segment columns; this video has none
 
 
@@ -279,7 +283,8 @@ def test_real_video_level_shards_have_no_dead_letter(tmp_path):
     for vid, v in written.items():
         labels, mean_rgb = expected[vid]
         np.testing.assert_array_equal(v.labels, labels)
-        assert v.num_frames == 1 and v.features["rgb"].shape == (1, 1024) and v.features["audio"].shape == (1, 128)
+        # 494 videos span 493 rgb directions; audio keeps all 128
+        assert v.num_frames == 1 and v.features["rgb"].shape == (1, 493) and v.features["audio"].shape == (1, 128)
         want = ws["rgb"].transform(mean_rgb[None], dtype=np.float64)
         np.testing.assert_allclose(v.features["rgb"], want, rtol=2e-3, atol=2e-2)
     assert shards.read_shard_info(shards.list_shards(str(out))[0]).level == "video"
@@ -329,6 +334,18 @@ def test_pca_dims_flag(text, features, expected):
 def test_bad_pca_dims_flag(text, features):
     with pytest.raises(preprocess.FlagError):
         preprocess.parse_pca_dims(text, features)
+
+
+@pytest.mark.parametrize("value, expected", [(None, "oas"), ("oas", "oas"), ("0", 0.0), ("0.25", 0.25),
+                                             ("1.5", None), ("-0.1", None), ("ledoit", None)])
+def test_shrinkage_flag(value, expected):
+    argv = ["--input", "x.tfrecord", "--output", "out"] + ([] if value is None else ["--shrinkage", value])
+    args, _ = preprocess.get_args_parser().parse_known_args(argv)
+    if expected is None:
+        with pytest.raises(preprocess.FlagError, match="--shrinkage"):
+            preprocess.resolve_config(args)
+    else:
+        assert preprocess.resolve_config(args).shrinkage == expected
 
 
 def test_default_runner_is_local_fnapi_and_dataflow_passes_through():

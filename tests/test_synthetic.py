@@ -33,8 +33,8 @@ def test_same_arguments_give_identical_bytes_and_another_seed_differs(tmp_path):
         return {p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())}
 
     a, b, c = make("a", 1), make("b", 1), make("c", 2)
-    assert sorted(a) == ["config.json", "labels.json", "train0000.tfrecord", "train0001.tfrecord"]
-    for name in ("train0000.tfrecord", "train0001.tfrecord", "labels.json"):
+    assert sorted(a) == ["config.json", "labels.json", "train0000.tfrecord", "train0001.tfrecord", "vocabulary.csv"]
+    for name in ("train0000.tfrecord", "train0001.tfrecord", "labels.json", "vocabulary.csv"):
         assert a[name] == b[name]
     assert a["train0000.tfrecord"] != c["train0000.tfrecord"]
     assert a["labels.json"] == c["labels.json"]  # the class structure does not depend on --seed
@@ -79,6 +79,25 @@ def test_labels_json_documents_the_structure(synthetic_frame_dir):
     assert {int(f): h for f, h in doc["faint_host"].items()} == s.faint_host
     assert [tuple(g) for g in doc["groups"]] == list(s.groups)
     assert sorted(doc["strong"] + [int(f) for f in doc["faint_host"]]) == doc["classes"]
+
+
+def test_vocabulary_csv_names_every_class_in_the_official_format(synthetic_frame_dir):
+    import csv
+
+    from pipeline.vocabulary import VOCABULARY_COLUMNS, read_vocabulary
+
+    s = synthetic.build_structure()
+    path = synthetic_frame_dir / "vocabulary.csv"
+    assert path.read_text().splitlines()[0] == ",".join(VOCABULARY_COLUMNS)
+    names = read_vocabulary(path)
+    assert sorted(names) == s.class_ids.tolist()
+    for faint, host in s.faint_host.items():
+        assert names[faint].startswith("faint-") and names[faint].endswith(f"(host {names[host]})")
+    assert all(names[c].startswith("strong-") for c in s.strong_ids) and len(set(names.values())) == len(names)
+    with open(path, newline="") as f:
+        rows = {int(r["Index"]): r for r in csv.DictReader(f)}
+    counts = json.loads((synthetic_frame_dir / "config.json").read_text())["class_counts"]
+    assert {c: int(r["TrainVideoCount"]) for c, r in rows.items()} == {int(c): n for c, n in counts.items()}
 
 
 # -- structure ---------------------------------------------------------------------------------------------------

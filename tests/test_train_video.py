@@ -150,7 +150,8 @@ def test_cma_attention_flags_travel_with_the_checkpoint(data, tmp_path):
          "--workers", "0", "--device", "cpu"]))
     assert result["gap"] == pytest.approx(final["val_gap"], abs=1e-6)
     with pytest.raises(CheckpointError, match="cma-attention"):
-        _train(data, run, "--epochs", "2", "--finetune-label-emb", "--label-emb", "random", "--resume")
+        _train(data, run, "--epochs", "2", "--cma-attention", "relu", "--cma-scale", "5", "--finetune-label-emb",
+               "--label-emb", "random", "--resume")
 
 
 def test_checkpoint_from_before_the_cma_flags_resumes(data, tmp_path):
@@ -162,3 +163,88 @@ def test_checkpoint_from_before_the_cma_flags_resumes(data, tmp_path):
     torch.save(ckpt, run / "last.pt")
     resumed = _train(data, run, "--epochs", "2", "--head", "mean", "--backbone", "fc", "--resume")
     assert resumed["epoch"] == 1
+
+
+def test_self_attn_checkpoint_from_before_the_single_map_head_resumes_and_inits(data, tmp_path, capsys):
+    """A run saved when 'self-attn' named the per-class head continues with it under --head self-attn."""
+    run = tmp_path / "run"
+    _train(data, run, "--epochs", "1", "--head", "self-attn-per-class", "--width", "16")
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    ckpt["args"]["head"] = "self-attn"  # as written before the rename
+    torch.save(ckpt, run / "last.pt")
+    resumed = _train(data, run, "--epochs", "2", "--head", "self-attn", "--width", "16", "--resume")
+    assert resumed["epoch"] == 1 and "self-attn-per-class" in capsys.readouterr().err
+    assert torch.load(run / "last.pt", weights_only=True)["args"]["head"] == "self-attn-per-class"
+    torch.save(ckpt, run / "old.pt")
+    _train(data, tmp_path / "init", "--epochs", "1", "--head", "self-attn", "--width", "16",
+           "--init", str(run / "old.pt"), "--lr", "0")
+    model, a = evaluate.load_model(str(tmp_path / "init/last.pt"), torch.device("cpu"))
+    assert a["head"] == "self-attn-per-class" and model.head.attn_conv.weight.shape == (3862, 16)
+    for name, p in model.named_parameters():  # lr 0: the --init weights
+        torch.testing.assert_close(p.detach(), ckpt["model"][name], msg=name)
+
+
+def test_segment_validation_picks_best_pt_by_the_number_evaluate_reports(tmp_path):
+    """--segment-labels validation and `model.evaluate --segments` go through one code path: the best epoch's
+    val_segment_map in metrics.json is the segment MAP evaluate gives for best.pt (ratings past a video's last
+    frame included, every window ranked)."""
+    from model.segments import read_segment_ratings
+    from shard_factory import write_random_shards
+
+    data = write_random_shards(tmp_path / "seg", num_videos=24, num_shards=2, with_segments=True, num_classes=20,
+                               frames=(5, 30), seed=34, ratings_past_end=True)
+    past = sum(int((v.segment_start_times >= v.num_frames).sum()) for v in data.videos.values()
+               if v.segment_start_times is not None)
+    assert past > 0
+    common = ["--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    train_video.main(train_video.get_args_parser().parse_args(
+        ["--train", str(tmp_path / "seg"), "--val", str(tmp_path / "seg"), "--out", str(tmp_path / "run"),
+         "--segment-labels", "--head", "self-attn", "--width", "16", "--num-classes", "20", "--optimizer", "adam",
+         "--lr", "1e-2", "--epochs", "3", "--shuffle-buffer", "8"] + common))
+    epochs = json.loads((tmp_path / "run/metrics.json").read_text())["epochs"]
+    values = [e["val_segment_map"] for e in epochs]
+    best = values.index(max(values))  # best.pt is rewritten only on a strict improvement
+    assert torch.load(tmp_path / "run/best.pt", weights_only=True)["epoch"] == best
+    r = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--segments", "--checkpoint", str(tmp_path / "run/best.pt"), "--data", str(tmp_path / "seg"),
+         "--out", str(tmp_path / "eval.json")] + common))
+    assert r["segment_map"] == pytest.approx(values[best], rel=1e-12, abs=1e-12)
+    assert r["ratings"] == read_segment_ratings(str(tmp_path / "seg")).num_ratings  # past-the-end ones included
+    assert epochs[best]["val_segment_classes"] == r["scored_classes"]
+
+
+def test_label_prior_baseline_and_comparison_table(data, tmp_path, capsys):
+    from model import compare
+
+    result = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--prior-from", str(data / "train"), "--data", str(data / "val"), "--out", str(tmp_path / "prior.json"),
+         "--write-predictions", str(tmp_path / "prior.csv")]))
+    train = [v.labels for p in sorted((data / "train/shards").glob("*.parquet")) for v in iter_videos(p)]
+    val = {v.id: v.labels for p in sorted((data / "val/shards").glob("*.parquet")) for v in iter_videos(p)}
+    freqs = np.zeros(3862)
+    for labels in train:
+        freqs[np.unique(labels)] += 1 / len(train)
+    y = np.zeros((len(val), 3862))
+    for i, labels in enumerate(val.values()):
+        y[i, labels] = 1
+    ref = VideoMetrics(3862)
+    ref.update(np.tile(freqs, (len(val), 1)), y)
+    want = ref.compute()
+    assert result["videos"] == 24 and result["prior_from"] == str(data / "train")
+    for k in ("gap", "hit_at_1", "perr", "map"):
+        assert result[k] == pytest.approx(want[k], abs=1e-6), k
+    assert recompute_gap_from_csv(tmp_path / "prior.csv", val).gap == pytest.approx(result["gap"], abs=1e-5)
+    with pytest.raises(CheckpointError, match="not both"):
+        evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--prior-from", str(data / "train"), "--data", str(data / "val"), "--checkpoint", "x.pt"]))
+
+    better = {**result, "gap": result["gap"] + 0.1}
+    (tmp_path / "better.json").write_text(json.dumps(better))
+    text = compare.main(compare.get_args_parser().parse_args(
+        [f"label prior={tmp_path / 'prior.json'}", f"a model={tmp_path / 'better.json'}"]))
+    lines = text.splitlines()
+    assert lines[0].split("|")[1:6] == [" model       ", " GAP@20 ", "  Hit@1 ", "   PERR ", "    mAP "]
+    assert "reference" in lines[2] and "+10.0 pts" in lines[3] and f"{100 * result['gap']:.1f}" in lines[2]
+    assert any(line.startswith("GAP@20:") for line in lines) and "same 24 videos" in text
+    with pytest.raises(compare.CompareError, match="NAME=FILE"):
+        compare.read_result(str(tmp_path / "prior.json"))
