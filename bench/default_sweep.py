@@ -117,7 +117,8 @@ def main() -> None:
     if a.prepare_only:
         return
 
-    jobs = list(itertools.product(sizes, dims, widths, heads, seeds))
+    # seed-major, so a sweep stopped early has every head of the first seeds
+    jobs = [(n, d, w, h, s) for s, n, d, w, h in itertools.product(seeds, sizes, dims, widths, heads)]
     from model.train_video import get_args_parser
 
     default_width = get_args_parser().get_default("width")  # run folders name the width a run really had
