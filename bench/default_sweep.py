@@ -77,16 +77,13 @@ def train(run: Path, data: Path, head: str, width: int | None, seed: int) -> dic
 
 
 def prior_gap(data: Path) -> float:
-    import numpy as np
-
+    """GAP of the training label prior (``model.prior``) on the validation split."""
     from model.metrics import VideoMetrics
-    from pipeline.shards import iter_videos
+    from model.prior import label_prior, predict_prior
 
-    train = [v.labels for v in iter_videos(str(data / "train"))]
-    val = [v.labels for v in iter_videos(str(data / "validate"))]
-    freq = np.bincount(np.concatenate(train), minlength=3862).astype(np.float64)
     m = VideoMetrics(3862)
-    m.update(np.tile(freq / freq.max(), (len(val), 1)), val)
+    for _, scores, labels in predict_prior(label_prior(str(data / "train"), 3862), str(data / "validate")):
+        m.update(scores, labels)
     return m.compute()["gap"]
 
 
