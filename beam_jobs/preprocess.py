@@ -61,7 +61,7 @@ from pipeline.errors import RecordError, TFRecordCorruption, Yt8mError
 from pipeline.records import FEATURE_DIMS, VideoRecord, decode_record, decode_sequence_example
 from pipeline.tfrecord import iter_records, read_records
 from pipeline.whitening import (RANK_RTOL, MomentAccumulator, WhiteningError, WhiteningSet, file_sha256,
-                                fit_whitening_set)
+                                fit_whitening_set, parse_shrinkage)
 
 METRICS_NAMESPACE = "yt8m_preprocess"  # pass 2: the counts the summary reports
 FIT_METRICS_NAMESPACE = "yt8m_preprocess_fit"  # pass 1 decodes the same records; kept apart so nothing counts twice
@@ -214,14 +214,10 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
         raise FlagError(f"--num-shards must be >= 0, got {args.num_shards}")
     if not args.epsilon >= 0:
         raise FlagError(f"--epsilon must be >= 0, got {args.epsilon}")
-    shrinkage = args.shrinkage
-    if shrinkage != "oas":
-        try:
-            shrinkage = float(shrinkage)
-        except ValueError:
-            raise FlagError(f"--shrinkage must be 'oas' or a number in [0, 1], got {args.shrinkage!r}") from None
-        if not 0.0 <= shrinkage <= 1.0:
-            raise FlagError(f"--shrinkage must lie in [0, 1], got {shrinkage}")
+    try:
+        shrinkage = parse_shrinkage(args.shrinkage)
+    except WhiteningError as e:
+        raise FlagError(f"--shrinkage: {e}") from None
     return JobConfig(input=args.input, output=args.output.rstrip("/") or "/", level=args.level,
                      features=features, pca_dims=pca_dims, whitening=args.whitening, dtype=args.dtype,
                      epsilon=args.epsilon, mode="zca" if args.zca else "pca", num_shards=args.num_shards,
@@ -751,10 +747,9 @@ def fit_pass(cfg: JobConfig, paths: Sequence[str], opts: PipelineOptions,
         blas.exit()
     ws.save(whitening_path)
     kept = components_kept(ws)
+    # printed with the job summary (format_summary), not logged as well
     warnings = [f"{name}: kept {k['kept']} of {k['requested']} components ({k['why']})"
                 for name, k in kept.items() if k["kept"] < k["requested"]]
-    for w in warnings:
-        _LOGGER.warning(w)
     return {"fitted": True, "frames": frames, "warnings": warnings, "components": kept,
             "explained_variance": {name: float(ws[name].explained_variance_ratio.sum()) for name in ws.names}}
 

@@ -37,8 +37,9 @@ import torch
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import DataError, dataset_summary, make_loader
 from model.device import autocast, resolve_device
-from model.metrics import SEGMENT_TOP_K, SegmentRatings, VideoMetrics, segment_map_report
+from model.metrics import SEGMENT_TOP_K, VideoMetrics, segment_map_report
 from model.submission import VideoPredictionWriter
+from model.segments import read_segment_ratings  # noqa: F401  (also model.evaluate's public name)
 from model.video_model import build_model, resolve_legacy_head
 
 
@@ -162,13 +163,6 @@ def format_table(r: dict) -> str:
         rows.append(("mAP (full ranking, sklearn)", f"{r['map_full_ranking']:.4f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"| {k:<{width}} | {v:>8} |" for k, v in rows)
-
-
-def read_segment_ratings(data: str) -> SegmentRatings:
-    """Every rating of the shards under ``data``: ``model.segments.read_segment_ratings``."""
-    from model.segments import read_segment_ratings as read
-
-    return read(data)
 
 
 def main_segments(args) -> dict:

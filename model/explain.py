@@ -315,7 +315,7 @@ def rated_spans(video: shards.Video, cls: int, num_frames: int) -> tuple[list, l
     return pos, neg
 
 
-def rated_classes(video: shards.Video) -> list[int]:
+def video_rated_classes(video: shards.Video) -> list[int]:
     """The classes with at least one rated segment in ``video``, ascending."""
     if video.segment_labels is None:
         return []
@@ -326,7 +326,7 @@ def plot_rated_segments(ax, video: shards.Video, num_frames: int, names: Mapping
                         truth: set[int]) -> None:
     """Every rated segment of the video on one Axes, a row per rated class (its labels bold), so ratings of
     classes outside the plotted top list show too."""
-    classes = rated_classes(video)
+    classes = video_rated_classes(video)
     for row, cls in enumerate(classes):
         pos, neg = rated_spans(video, cls, num_frames)
         for start, end in pos:
@@ -354,7 +354,7 @@ def build_video_figure(expl: VideoExplanation, video: shards.Video, names: Mappi
 
     n, T = expl.attention.shape
     truth = set(np.asarray(video.labels if video.labels is not None else [], np.int64).tolist())
-    strip = len(rated_classes(video))  # rows of the rated-segment strip; 0: no strip
+    strip = len(video_rated_classes(video))  # rows of the rated-segment strip; 0: no strip
     labels = [f"{'* ' if int(c) in truth else ''}{class_label(int(c), names)}  (p = {expl.probabilities[c]:.3f}; "
               f"{'a true label' if int(c) in truth else 'not a label of this video'})" for c in expl.classes]
     heights = [1.0] * n + ([0.3 + 0.2 * strip] if strip else [])

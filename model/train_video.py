@@ -37,7 +37,6 @@ from model.data import DataError, dataset_summary, make_loader
 from model.device import autocast, resolve_device
 from model.losses import ClassBalancedBCE, label_frequencies
 from model.metrics import VideoMetrics
-from model.metrics import SEGMENT_TOP_K
 from model.segments import rated_segment_map, read_segment_ratings, segment_training_examples
 from model.heads import CMA_ATTENTION, HEADS
 from model.video_model import CMA_FLAG_DEFAULTS, build_model, resolve_legacy_head
@@ -316,8 +315,7 @@ def main(args) -> dict:
         record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": v for k, v in train_stats.items()}}
         if val_loader is not None and args.segment_labels:
-            rep_ = rated_segment_map(model, val_loader, device, args.segment_scorer, SEGMENT_TOP_K,
-                                     ratings=val_ratings)
+            rep_ = rated_segment_map(model, val_loader, device, args.segment_scorer, ratings=val_ratings)
             record.update(val_segment_map=rep_.map, val_segment_classes=rep_.scored_classes)
             if writer is not None:
                 writer.add_scalar("val/segment_map", rep_.map, epoch)

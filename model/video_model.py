@@ -55,7 +55,8 @@ class VideoClassifier(nn.Module):
 
 def build_video_model(head: str, backbone: str, in_dim: int, num_classes: int,
                       label_embeddings: torch.Tensor | None = None,
-                      backbone_kw: Mapping[str, Any] | None = None, **head_kw: Any) -> VideoClassifier:
+                      backbone_kw: Mapping[str, Any] | None = None, dropout: float = 0.0,
+                      **head_kw: Any) -> VideoClassifier:
     """Build one of the paper's Table 4 models (plus the mean-pooling baseline).
 
     Args:
@@ -67,6 +68,7 @@ def build_video_model(head: str, backbone: str, in_dim: int, num_classes: int,
         label_embeddings: (K, C_e) ASGE embeddings for 'cma' (None: random, the embedding ablation); ignored by
             the other heads.
         backbone_kw: extra constructor arguments of the backbone (e.g. ``channels`` for SNet, ``hidden`` for FC).
+        dropout: see ``VideoClassifier``.
         **head_kw: extra constructor arguments of the head (e.g. ``attention_floor``, ``fused``).
     """
     if head not in HEADS:
@@ -80,7 +82,7 @@ def build_video_model(head: str, backbone: str, in_dim: int, num_classes: int,
         classifier = HEADS[head](trunk.out_channels, num_classes, **head_kw)
     except TypeError as e:
         raise ModelConfigError(f"{head}/{backbone}: {e}") from None
-    return VideoClassifier(trunk, classifier)
+    return VideoClassifier(trunk, classifier, dropout)
 
 
 def backbone_width_kw(backbone: str, width: int) -> dict[str, Any]:
@@ -97,10 +99,9 @@ def build_model(args: Any, label_embeddings: torch.Tensor | None = None) -> Vide
     a = args if isinstance(args, Mapping) else vars(args)
     kw = backbone_width_kw(a["backbone"], a["width"]) if a.get("width") else None
     head_kw = cma_head_kw(a) if a["head"] == "cma" else {}
-    model = build_video_model(a["head"], a["backbone"], in_dim=a["feature_dim"], num_classes=a["num_classes"],
-                              label_embeddings=label_embeddings, backbone_kw=kw, **head_kw)
-    model.drop.p = float(a.get("dropout") or 0.0)
-    return model
+    return build_video_model(a["head"], a["backbone"], in_dim=a["feature_dim"], num_classes=a["num_classes"],
+                             label_embeddings=label_embeddings, backbone_kw=kw, dropout=float(a.get("dropout") or 0.0),
+                             **head_kw)
 
 
 # CMA flags of model.train_video, with the values that checkpoints written before them imply (the paper's Eq. 7

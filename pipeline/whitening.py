@@ -356,7 +356,8 @@ def fit_whitening(acc: MomentAccumulator, dims: int | None = None, epsilon: floa
         raise WhiteningError(f"all {acc.count} frames are identical: there is no direction to whiten")
     spanned = int(np.count_nonzero(values > RANK_RTOL * values[0]))
     keep = min(requested, spanned, acc.count - 1)
-    s = oas_shrinkage(values, acc.count) if shrinkage == "oas" else _fixed_shrinkage(shrinkage)
+    rule = parse_shrinkage(shrinkage)
+    s = oas_shrinkage(values, acc.count) if rule == "oas" else rule
     eigenvalues = values[:keep].copy()
     components = vectors[:, :keep].T.copy()  # (keep, D)
     peak = np.argmax(np.abs(components), axis=1)
@@ -378,7 +379,10 @@ def oas_shrinkage(eigenvalues: np.ndarray, count: int) -> float:
     return 1.0 if den <= 0 else float(min((a + mu ** 2) / den, 1.0))
 
 
-def _fixed_shrinkage(value) -> float:
+def parse_shrinkage(value) -> str | float:
+    """``"oas"`` or a fixed shrinkage as a float in [0, 1] (from a number or its text); raises WhiteningError."""
+    if value in SHRINKAGE_RULES:
+        return value
     try:
         s = float(value)
     except (TypeError, ValueError):

@@ -165,6 +165,21 @@ def test_checkpoint_from_before_the_cma_flags_resumes(data, tmp_path):
     assert resumed["epoch"] == 1
 
 
+def test_cma_checkpoint_from_before_the_cma_flags_is_eq7_not_the_new_softmax_default(data, tmp_path):
+    run = tmp_path / "run"
+    _train(data, run, "--epochs", "1", "--cma-attention", "relu", "--label-emb", "random")
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    for key in CMA_FLAG_DEFAULTS:
+        del ckpt["args"][key]
+    torch.save(ckpt, run / "last.pt")
+    model, _ = evaluate.load_model(str(run / "last.pt"), torch.device("cpu"))
+    assert model.head.attention_kind == "relu"
+    with pytest.raises(CheckpointError, match="cma-attention"):  # today's default would change the model
+        _train(data, run, "--epochs", "2", "--label-emb", "random", "--resume")
+    resumed = _train(data, run, "--epochs", "2", "--cma-attention", "relu", "--label-emb", "random", "--resume")
+    assert resumed["epoch"] == 1
+
+
 def test_self_attn_checkpoint_from_before_the_single_map_head_resumes_and_inits(data, tmp_path, capsys):
     """A run saved when 'self-attn' named the per-class head continues with it under --head self-attn."""
     run = tmp_path / "run"
