@@ -154,24 +154,25 @@ def test_cma_attention_flags_travel_with_the_checkpoint(data, tmp_path):
                "--label-emb", "random", "--resume")
 
 
-def test_checkpoint_from_before_the_cma_flags_resumes(data, tmp_path):
-    run = tmp_path / "run"
-    _train(data, run, "--epochs", "1", "--head", "mean", "--backbone", "fc")
+def _one_epoch_before_the_cma_flags(data: Path, run: Path, *flags: str) -> None:
+    """A 1-epoch run whose last.pt lacks the CMA flags, as checkpoints written before them do."""
+    _train(data, run, "--epochs", "1", *flags)
     ckpt = torch.load(run / "last.pt", weights_only=True)
     for key in CMA_FLAG_DEFAULTS:
         del ckpt["args"][key]
     torch.save(ckpt, run / "last.pt")
+
+
+def test_checkpoint_from_before_the_cma_flags_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    _one_epoch_before_the_cma_flags(data, run, "--head", "mean", "--backbone", "fc")
     resumed = _train(data, run, "--epochs", "2", "--head", "mean", "--backbone", "fc", "--resume")
     assert resumed["epoch"] == 1
 
 
 def test_cma_checkpoint_from_before_the_cma_flags_is_eq7_not_the_new_softmax_default(data, tmp_path):
     run = tmp_path / "run"
-    _train(data, run, "--epochs", "1", "--cma-attention", "relu", "--label-emb", "random")
-    ckpt = torch.load(run / "last.pt", weights_only=True)
-    for key in CMA_FLAG_DEFAULTS:
-        del ckpt["args"][key]
-    torch.save(ckpt, run / "last.pt")
+    _one_epoch_before_the_cma_flags(data, run, "--cma-attention", "relu", "--label-emb", "random")
     model, _ = evaluate.load_model(str(run / "last.pt"), torch.device("cpu"))
     assert model.head.attention_kind == "relu"
     with pytest.raises(CheckpointError, match="cma-attention"):  # today's default would change the model
