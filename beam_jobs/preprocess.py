@@ -72,7 +72,7 @@ NON_FINITE = "non_finite"
 NOT_STORABLE = "not_storable"
 # Frames gathered before one MomentAccumulator.add: big enough for an efficient syrk, 16 MB of float32 at D = 1024.
 FIT_BATCH_FRAMES = 4096
-# Parquet row groups of about 8 MiB uncompressed (~14 full-length float16 rgb videos): the unit model.data can
+# Parquet row groups of about 8 MiB uncompressed (~14 full-length float16 rgb videos): the unit model.data.video can
 # hand to separate readers when there are fewer shards than readers.
 ROW_GROUP_BYTES = 8 << 20
 ROW_BATCH = 8

@@ -7,7 +7,7 @@ Steps: match the Parquet shards (in this process, so a bad ``--data`` fails befo
 ``Reshuffle`` (spread the shards over workers) -> ``ReadVideos`` (one shard in, ``(id, frames (T, D))`` out,
 truncated to the checkpoint's ``max_frames`` like the training loader) -> ``RunInference`` with a keyed
 ``SegmentTaggerModelHandler`` (loads the training checkpoint once per worker with ``model.evaluate.load_model``,
-CUDA when the worker has it, and scores each batch with ``model.segments.score_video_segments``) -> one row per
+CUDA when the worker has it, and scores each batch with ``model.engine.segments.score_video_segments``) -> one row per
 (segment, class) -> ``OUT/part-SSSSS-of-NNNNN.parquet`` with ``model.tag_segments.TAG_SCHEMA``
 ``(id string, start_time int32, class int32, score float32)``.
 
@@ -67,7 +67,7 @@ class SegmentTaggerModelHandler(ModelHandler):
 
     Args:
         checkpoint: path or fsspec URL (``gs://``) of a training checkpoint.
-        scorer: a ``model.segments.SCORERS`` name.
+        scorer: a ``model.engine.segments.SCORERS`` name.
         top_k: classes kept per segment.
         classes: class ids the top-k is chosen among (None: all classes).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -84,7 +84,7 @@ class SegmentTaggerModelHandler(ModelHandler):
         self.device = device
 
     def load_model(self):
-        from model.device import resolve_device
+        from model.engine.device import resolve_device
         from model.evaluate import load_model
 
         model, _ = load_model(self.checkpoint, resolve_device(self.device))
@@ -94,8 +94,8 @@ class SegmentTaggerModelHandler(ModelHandler):
                       ) -> Iterable[PredictionResult]:
         import torch
 
-        from model.device import autocast
-        from model.segments import score_video_segments
+        from model.engine.device import autocast
+        from model.engine.segments import score_video_segments
 
         device = next(model.parameters()).device
         B, D = len(batch), batch[0].shape[1]
@@ -188,7 +188,7 @@ class TagRowsFn(beam.DoFn):
 
 # -- pipeline --------------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    from model.segments import DEFAULT_SCORER, SCORERS
+    from model.engine.segments import DEFAULT_SCORER, SCORERS
 
     p = argparse.ArgumentParser(
         prog="python -m beam_jobs.tag_segments", description=__doc__.splitlines()[0],
@@ -203,7 +203,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, metavar="FILE",
                    help="class ids to tag (segment_label_ids.csv format); default: all model classes, as "
                         "model.tag_segments does for its Parquet rows (this job writes no Class,Segments CSV)")
-    p.add_argument("--scorer", choices=SCORERS, default=DEFAULT_SCORER, help="see model.segments")
+    p.add_argument("--scorer", choices=SCORERS, default=DEFAULT_SCORER, help="see model.engine.segments")
     p.add_argument("--batch-size", type=int, default=32, help="most videos per inference batch")
     p.add_argument("--device", default="auto", help="auto (CUDA on GPU workers), cpu, cuda, cuda:N")
     p.add_argument("--num-shards", type=int, default=0, help="tag files to write; 0: the runner decides")
@@ -215,9 +215,9 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], dict, list[int] |
     restriction or None). The checkpoint is read once, on CPU, for its args and shapes."""
     import torch
 
-    from model.checkpoint import CheckpointError
+    from model.engine.checkpoint import CheckpointError
     from model.evaluate import load_model
-    from model.segments import read_class_ids
+    from model.engine.segments import read_class_ids
 
     if args.top_k < 1:
         raise TagJobError(f"--top-k must be >= 1, got {args.top_k}")

@@ -1,4 +1,4 @@
-"""Throughput of model.data's loader against a naive row-by-row reader, measured in the same run.
+"""Throughput of model.data.video's loader against a naive row-by-row reader, measured in the same run.
 
     .venv/bin/python bench/data_loader.py                       # writes random shards to a temp dir first
     .venv/bin/python bench/data_loader.py --data DATA/train     # any preprocess output (dir, glob, gs://)
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from model.data import dataset_summary, make_loader  # noqa: E402
-from model.device import resolve_device  # noqa: E402
+from model.data.video import dataset_summary, make_loader  # noqa: E402
+from model.engine.device import resolve_device  # noqa: E402
 from pipeline import shards as shard_io  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def naive_epoch(paths: list[str], features: tuple[str, ...], batch_size: int, nu
 
 
 def loader_epoch(loader, device: torch.device) -> tuple[int, int, int]:
-    """(batches, videos, float32 bytes of x) of one pass through a model.data loader."""
+    """(batches, videos, float32 bytes of x) of one pass through a model.data.video loader."""
     batches = videos = nbytes = 0
     for batch in loader:
         x = batch["x"].to(device, non_blocking=True)
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
             if best is None or dt < best[0]:
                 best = (dt, nb, nv, nbytes)
         dt, nb, nv, nbytes = best
-        rows.append((f"model.data, {workers} worker(s)", nb / dt, nv / dt, nbytes / dt / 1e6, nv / dt / naive_rate))
+        rows.append((f"model.data.video, {workers} worker(s)", nb / dt, nv / dt, nbytes / dt / 1e6, nv / dt / naive_rate))
         del loader  # shuts its persistent workers down before the next configuration starts its own
 
     print()

@@ -77,9 +77,9 @@ def train(run: Path, data: Path, head: str, width: int | None, seed: int) -> dic
 
 
 def prior_gap(data: Path) -> float:
-    """GAP of the training label prior (``model.prior``) on the validation split."""
-    from model.metrics import VideoMetrics
-    from model.prior import label_prior, predict_prior
+    """GAP of the training label prior (``model.networks.prior``) on the validation split."""
+    from model.metrics.video import VideoMetrics
+    from model.networks.prior import label_prior, predict_prior
 
     m = VideoMetrics(3862)
     for _, scores, labels in predict_prior(label_prior(str(data / "train"), 3862), str(data / "validate")):

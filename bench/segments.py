@@ -34,12 +34,12 @@ sys.path.insert(0, str(REPO))
 import model  # noqa: E402,F401  (before TensorFlow)
 import torch  # noqa: E402
 
-from model import asge, segments as sg  # noqa: E402
-from model.checkpoint import save_checkpoint  # noqa: E402
-from model.data import make_loader  # noqa: E402
-from model.losses import class_balanced_bce, label_frequencies  # noqa: E402
+from model.networks import asge, segments as sg  # noqa: E402
+from model.engine.checkpoint import save_checkpoint  # noqa: E402
+from model.data.video import make_loader  # noqa: E402
+from model.networks.losses import class_balanced_bce, label_frequencies  # noqa: E402
 from model.train_video import init_classifier_bias  # noqa: E402
-from model.video_model import build_video_model  # noqa: E402
+from model.networks.video_model import build_video_model  # noqa: E402
 
 K = 3862
 CHANNELS = (128, 128, 128, 128)

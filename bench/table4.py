@@ -9,7 +9,7 @@ paper's embedding ablation), CMA-SNet with a softmax over scaled cosines in plac
 one map per class instead of the paper's single map shared by all classes (both not in the paper), each with the
 same data, seed, optimizer and epochs, and prints
 Hit@1, PERR, mAP and GAP on the validation split as a markdown table, with where each model's attention goes
-(``model.attention_stats`` on the rated segments of the validation split, which are the planted evidence): lift on
+(``model.metrics.attention`` on the rated segments of the validation split, which are the planted evidence): lift on
 positive and on negative ratings, and the attention overlap of the strong labels of a video, whose evidence the
 generator plants on disjoint segments.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import train_video  # noqa: E402
-from model.device import resolve_device  # noqa: E402
+from model.engine.device import resolve_device  # noqa: E402
 
 SOFTMAX = ["--cma-attention", "softmax"]
 EQ7 = ["--cma-attention", "relu"]  # the paper's Eq. 7-8 (model.train_video's default is the softmax)
@@ -38,7 +38,7 @@ VARIANTS = [  # (row name, head, backbone, extra model.train_video flags)
     ("CMA-FC", "cma", "fc", EQ7),
     ("CMA-SNet", "cma", "snet", EQ7),
     ("CMA-SNet, random label embeddings", "cma", "snet", EQ7 + ["--label-emb", "random"]),
-    # not in the paper: Eq. 7 replaced by a softmax over 10 x cosine (model/heads.py), with each embedding kind
+    # not in the paper: Eq. 7 replaced by a softmax over 10 x cosine (model/networks/heads.py), with each embedding kind
     ("CMA-SNet, softmax attention", "cma", "snet", SOFTMAX),
     ("CMA-SNet, softmax attention, random label embeddings", "cma", "snet", SOFTMAX + ["--label-emb", "random"]),
     # not in the paper: one self-attention map per class instead of the paper's one map shared by all classes
@@ -75,10 +75,10 @@ def where_attention_goes(run: Path, val: Path):
     import torch
     from sklearn.metrics import average_precision_score
 
-    from model.attention_stats import AttentionStatsAccumulator
-    from model.data import make_loader
+    from model.metrics.attention import AttentionStatsAccumulator
+    from model.data.video import make_loader
     from model.evaluate import load_model
-    from model.segments import time_stride
+    from model.engine.segments import time_stride
     from pipeline.synthetic import build_structure
 
     model, a = load_model(str(run / "last.pt"), torch.device("cpu"))
@@ -107,8 +107,8 @@ def where_attention_goes(run: Path, val: Path):
 def reusable(run: Path, head: str, backbone: str) -> bool:
     """Whether ``run/last.pt`` holds this row's head and backbone (runs made before the single-map self-attention
     head hold the per-class one under the name ``self-attn``)."""
-    from model.checkpoint import load_checkpoint
-    from model.video_model import resolve_legacy_head
+    from model.engine.checkpoint import load_checkpoint
+    from model.networks.video_model import resolve_legacy_head
 
     if not (run / "last.pt").exists():
         return False

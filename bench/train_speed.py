@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO))
 def run_variant(fused: bool, a) -> dict:
     import torch
 
-    from model.device import resolve_device
-    from model.video_model import build_video_model
+    from model.engine.device import resolve_device
+    from model.networks.video_model import build_video_model
 
     device = resolve_device(a.device)
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def loader_rate(a) -> float:
     sys.path.insert(0, str(REPO / "tests"))
     from shard_factory import write_random_shards
 
-    from model.data import make_loader
+    from model.data.video import make_loader
 
     with tempfile.TemporaryDirectory() as d:
         write_random_shards(d, num_videos=a.batch_size * 12, num_shards=2, dims={"rgb": 1024}, seed=0,

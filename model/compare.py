@@ -75,5 +75,5 @@ def main(args) -> str:
 
 
 if __name__ == "__main__":
-    from model.cli import run_cli
+    from model.engine.cli import run_cli
     run_cli(main, get_args_parser())

@@ -7,7 +7,7 @@ Prints Hit@1, PERR, GAP@20 and the YouTube-8M mAP (plus the full-ranking mAP tha
 apart), writes them as JSON, and optionally the official video-level submission (``VideoId,LabelConfidencePairs``,
 top 20 classes per video) from which anyone can recompute GAP.
 
-The label-prior baseline (every video scored with the training label frequencies; ``model.prior``), the number a
+The label-prior baseline (every video scored with the training label frequencies; ``model.networks.prior``), the number a
 model must beat to show it learned from the frames:
 
     python -m model.evaluate --prior-from DATA/train --data DATA/validate [--out metrics.json]
@@ -19,11 +19,19 @@ Segment level (2019 challenge), on data with segment ratings:
     python -m model.evaluate --segments --submission submission.csv --data DATA/validate
 
 The first ranks every 5-second window of every video per class (bounded top lists of ``--k``) and scores the
-ranking (``model.segments.rated_segment_map``, the same call that validates ``model.train_video
+ranking (``model.engine.segments.rated_segment_map``, the same call that validates ``model.train_video
 --segment-labels``); the second scores an existing ``Class,Segments`` file, ours or anyone's (no checkpoint
-needed). Both report segment MAP@K exactly as ``model.metrics.segment_map_report`` defines it (positive ratings
+needed). Both report segment MAP@K exactly as ``model.metrics.video.segment_map_report`` defines it (positive ratings
 past a video's last frame count as misses; submitted classes without a positive rating are left out of the mean),
 with per-class AP in the JSON.
+
+Images (a ``model.train_image`` checkpoint on COCO-format data), the paper's Table 1 block (mAP, CP, CR, CF1, OP,
+OR, OF1, and the same six on each image's top-3 labels; ``model.metrics.image``):
+
+    python -m model.evaluate --image --checkpoint CKPT --ann B.json --images DIR [--write-predictions P.csv]
+
+``P.csv`` has the header ``ImageId,LabelConfidencePairs`` and one row per evaluated image: its COCO image id, then
+``category_id probability`` pairs for every class.
 """
 from __future__ import annotations
 
@@ -34,20 +42,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import CheckpointError, load_checkpoint
-from model.data import DataError, dataset_summary, make_loader
-from model.device import autocast, resolve_device
-from model.metrics import SEGMENT_TOP_K, VideoMetrics, segment_map_report
-from model.submission import VideoPredictionWriter
-from model.segments import read_segment_ratings  # noqa: F401  (also model.evaluate's public name)
-from model.video_model import build_model, resolve_legacy_head
+from model.engine.checkpoint import CheckpointError, load_checkpoint
+from model.data.video import DataError, dataset_summary, make_loader
+from model.engine.device import autocast, resolve_device
+from model.metrics.video import SEGMENT_TOP_K, VideoMetrics, segment_map_report
+from model.engine.submission import VideoPredictionWriter
+from model.engine.segments import read_segment_ratings  # noqa: F401  (also model.evaluate's public name)
+from model.networks.video_model import build_model, resolve_legacy_head
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None,
                    help="best.pt or last.pt of a model.train_video run (not needed with --submission)")
-    p.add_argument("--data", required=True, help="shards to evaluate: a preprocess output dir, glob or gs:// path")
+    p.add_argument("--data", default=None, help="shards to evaluate: a preprocess output dir, glob or gs:// path")
     p.add_argument("--out", default=None, help="metrics JSON (default: beside the checkpoint, eval_<data>.json; with --prior-from: "
                         "./eval_prior_<data>.json)")
     p.add_argument("--write-predictions", default=None, metavar="FILE.csv",
@@ -65,10 +73,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--segments", action="store_true", help="segment MAP@K on the rated segments of --data")
     g.add_argument("--submission", default=None, metavar="FILE.csv",
                    help="score this Class,Segments file instead of a checkpoint's predictions")
-    g.add_argument("--scorer", default=None, help="segment scorer: frames or context (default: model.segments')")
+    g.add_argument("--scorer", default=None, help="segment scorer: frames or context (default: model.engine.segments')")
     g.add_argument("--classes", default=None, metavar="FILE",
                    help="classes to rank (segment_label_ids.csv format); default: the rated classes of --data")
     g.add_argument("--k", type=int, default=SEGMENT_TOP_K, help="MAP@K cut per class")
+    g = p.add_argument_group("images (model.train_image checkpoints)")
+    g.add_argument("--image", action="store_true", help="evaluate an image checkpoint on COCO-format data")
+    g.add_argument("--ann", default=None, help="COCO instances JSON")
+    g.add_argument("--images", default=None, help="folder of the images --ann names")
+    g.add_argument("--keep-empty", action="store_true", help="also score images without annotations")
     return p
 
 
@@ -78,6 +91,9 @@ def load_model(checkpoint: str, device: torch.device):
     a = ckpt.get("args")
     if not isinstance(a, dict) or "head" not in a:
         raise CheckpointError(f"{checkpoint} is not a model.train_video checkpoint (no training args)")
+    if a.get("task") == "image":
+        raise CheckpointError(f"{checkpoint} is an image checkpoint (model.train_image): evaluate it with --image "
+                              f"--ann FILE --images DIR")
     a = resolve_legacy_head(a, ckpt["model"])  # per-class self-attention saved as "self-attn" before
     emb = ckpt["model"].get("head.label_embeddings") if a["head"] == "cma" else None
     model = build_model(a, label_embeddings=emb)
@@ -113,12 +129,16 @@ def predict(model, loader, device):
 
 
 def main(args) -> dict:
+    if args.image:
+        return main_image(args)
+    if args.data is None:
+        raise DataError("--data is required (or --image with --ann and --images)")
     if args.segments or args.submission:
         return main_segments(args)
     if args.prior_from:
         if args.checkpoint:
             raise CheckpointError("give --checkpoint or --prior-from, not both")
-        from model.prior import label_prior, predict_prior
+        from model.networks.prior import label_prior, predict_prior
 
         num_classes, source = args.num_classes, {"prior_from": str(args.prior_from)}
         predictions = predict_prior(label_prior(args.prior_from, num_classes), args.data)
@@ -165,10 +185,52 @@ def format_table(r: dict) -> str:
     return "\n".join(f"| {k:<{width}} | {v:>8} |" for k, v in rows)
 
 
+def main_image(args) -> dict:
+    """The Table 1 block of an image checkpoint on a COCO-format split."""
+    from model.data.coco import read_coco
+    from model.data.images import CocoImageDataset, eval_transform, make_image_loader
+    from model.engine.image_inference import BrokenImages, load_image_model, predict_images
+    from model.engine.submission import ImagePredictionWriter
+    from model.metrics.image import ImageMetrics, format_table1
+
+    if not (args.checkpoint and args.ann and args.images):
+        raise DataError("--image needs --checkpoint, --ann and --images")
+    device = resolve_device(args.device)
+    loaded = load_image_model(args.checkpoint, device)
+    manifest = read_coco(args.ann, args.images, keep_empty=args.keep_empty, label_map=loaded.label_map)
+    size = int(loaded.args["image_size"])
+    loader = make_image_loader(CocoImageDataset(manifest, eval_transform(size, loaded.mean, loaded.std)),
+                               batch_size=args.batch_size, shuffle=False, workers=args.workers)
+    metrics, broken = ImageMetrics(len(loaded.label_map.category_ids)), BrokenImages()
+    writer = (ImagePredictionWriter(args.write_predictions, loaded.label_map.category_ids)
+              if args.write_predictions else None)
+    n = 0
+    for image_ids, probs, labels in predict_images(loaded.model, loader, device, broken):
+        metrics.update(probs, labels)
+        if writer is not None:
+            writer.write(image_ids, probs)
+        n += len(image_ids)
+    if writer is not None:
+        writer.close()
+    if n == 0:
+        raise DataError(f"no readable image in {args.images} for {args.ann}")
+    result = {"checkpoint": str(args.checkpoint), "ann": str(args.ann), "images": n,
+              "dropped_empty": manifest.dropped_empty, "broken_images": broken.summary(), **metrics.compute()}
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{Path(args.ann).stem}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    if broken.count:
+        print(broken.line("evaluation"))
+    print(f"{n} images ({manifest.dropped_empty} without annotations dropped)")
+    print(format_table1(result))
+    print(f"wrote {out}" + (f" and {args.write_predictions}" if writer else ""))
+    return result
+
+
 def main_segments(args) -> dict:
     """Segment MAP@K of a checkpoint (every window ranked) or of an existing submission CSV."""
-    from model.segments import DEFAULT_SCORER, SCORERS, SegmentError, rated_segment_map, read_class_ids
-    from model.submission import read_segment_submission
+    from model.engine.segments import DEFAULT_SCORER, SCORERS, SegmentError, rated_segment_map, read_class_ids
+    from model.engine.submission import read_segment_submission
 
     if args.k < 1:
         raise SegmentError(f"--k must be >= 1, got {args.k}")
@@ -219,5 +281,5 @@ def main_segments(args) -> dict:
 
 
 if __name__ == "__main__":
-    from model.cli import run_cli
+    from model.engine.cli import run_cli
     run_cli(main, get_args_parser())

@@ -14,7 +14,7 @@ and the plotted numbers.
 with the highest confidence, preferring videos with a rated segment of that class, then videos with any rating.
 
 Attention over frames. The head attends over the backbone's output steps (B, K, T'); SNet's step j covers frames
-[j * s, (j + 1) * s) with s = 2^stages (``model.segments.time_stride``). A step's weight is spread evenly over the
+[j * s, (j + 1) * s) with s = 2^stages (``model.engine.segments.time_stride``). A step's weight is spread evenly over the
 valid frames it covers, so every class's per-frame attention sums to 1 over the video's frames, like the step
 attention over the steps, and padding gets none.
 
@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from model.segments import SEGMENT_FRAMES, time_stride
+from model.engine.segments import SEGMENT_FRAMES, time_stride
 from pipeline import shards
 from pipeline.errors import Yt8mError
 from pipeline.vocabulary import read_vocabulary
@@ -177,7 +177,7 @@ def pick_video(model: torch.nn.Module, data: str, features: Sequence[str], num_c
     """``--pick correct``: the video of ``data`` to show a newcomer. Ranked by (top prediction is a true label,
     that class has a rated segment, the video has any rating, top probability), so a video the model gets right
     comes first, with its evidence marked when possible. One pass of the model over ``data``."""
-    from model.data import make_loader
+    from model.data.video import make_loader
     from model.evaluate import predict
 
     rated = segment_rated_classes(data)
@@ -414,7 +414,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args) -> dict:
-    from model.device import resolve_device
+    from model.engine.device import resolve_device
     from model.evaluate import load_model
 
     if args.top_classes < 1:
@@ -448,5 +448,5 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    from model.cli import run_cli
+    from model.engine.cli import run_cli
     run_cli(main, get_args_parser())

@@ -6,7 +6,7 @@
 
 Writes ``OUT/part-00000.parquet``, ... with rows ``(id string, start_time int32, class int32, score float32)``:
 the ``--top-k`` classes of each window (restricted to ``--classes`` when given), windows as in
-``model.segments``; files roll over every ``--rows-per-file`` rows and are written in row groups, so memory does
+``model.engine.segments``; files roll over every ``--rows-per-file`` rows and are written in row groups, so memory does
 not grow with the corpus. ``--kaggle-csv`` also writes the 2019 challenge submission (``Class,Segments``, per class
 its ``--max-per-class`` best windows) from bounded per-class top lists. ``OUT/config.json`` holds the resolved
 flags, ``OUT/summary.json`` the counts and timing.
@@ -32,12 +32,12 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from model.data import DataError, make_loader
-from model.device import autocast, resolve_device
-from model.metrics import SEGMENT_TOP_K
-from model.segments import (DEFAULT_SCORER, SCORERS, SegmentError, TopSegmentsPerClass, rated_classes,
+from model.data.video import DataError, make_loader
+from model.engine.device import autocast, resolve_device
+from model.metrics.video import SEGMENT_TOP_K
+from model.engine.segments import (DEFAULT_SCORER, SCORERS, SegmentError, TopSegmentsPerClass, rated_classes,
                             read_class_ids, score_segments, top_classes)
-from model.submission import write_segment_submission
+from model.engine.submission import write_segment_submission
 
 TAG_SCHEMA = pa.schema([("id", pa.string()), ("start_time", pa.int32()), ("class", pa.int32()),
                         ("score", pa.float32())])
@@ -140,7 +140,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "--classes)")
     p.add_argument("--scorer", choices=SCORERS, default=DEFAULT_SCORER,
                    help="frames: the model on each window's frames; context: video probability x attention "
-                        "density (see model.segments)")
+                        "density (see model.engine.segments)")
     p.add_argument("--kaggle-csv", default=None, metavar="FILE",
                    help="also write the segment challenge submission (Class,Segments) for --classes, by default "
                         "the classes rated in --data")
@@ -232,5 +232,5 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    from model.cli import run_cli
+    from model.engine.cli import run_cli
     run_cli(main, get_args_parser())

@@ -12,7 +12,7 @@ Segment fine-tuning (2019 challenge recipe: video labels first, then a few thous
 
 Each rated (video, segment) becomes a 5-frame example whose targets are its ratings (1/0); unrated classes are
 ignored by the loss. Validation (and best.pt) then uses the segment MAP@100000 of --val computed by the same call
-as ``model.evaluate --segments`` (``model.segments.rated_segment_map``: every window ranked, ratings read from the
+as ``model.evaluate --segments`` (``model.engine.segments.rated_segment_map``: every window ranked, ratings read from the
 shards), so ``metrics.json``'s ``val_segment_map`` of the best epoch is what ``model.evaluate`` reports for best.pt
 when it runs with the same --batch-size (batching can move scores by float rounding, and so break ties).
 """
@@ -30,16 +30,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import asge
-from model.checkpoint import (CheckpointError, capture_rng_state, check_compatible, load_checkpoint,
+from model.networks import asge
+from model.engine.checkpoint import (CheckpointError, capture_rng_state, check_compatible, load_checkpoint,
                               restore_rng_state, save_checkpoint, to_plain)
-from model.data import DataError, dataset_summary, make_loader
-from model.device import autocast, resolve_device
-from model.losses import ClassBalancedBCE, label_frequencies
-from model.metrics import VideoMetrics
-from model.segments import rated_segment_map, read_segment_ratings, segment_training_examples
-from model.heads import CMA_ATTENTION, HEADS
-from model.video_model import CMA_FLAG_DEFAULTS, build_model, resolve_legacy_head
+from model.data.video import DataError, dataset_summary, make_loader
+from model.engine.device import autocast, resolve_device
+from model.networks.losses import ClassBalancedBCE, label_frequencies
+from model.metrics.video import VideoMetrics
+from model.engine.segments import rated_segment_map, read_segment_ratings, segment_training_examples
+from model.networks.heads import CMA_ATTENTION, HEADS, init_bias_to_prior
+from model.networks.video_model import CMA_FLAG_DEFAULTS, build_model, resolve_legacy_head
 
 # Flags a checkpoint must agree on before it can be resumed or used by --init: they fix the architecture.
 ARCH_KEYS = ("head", "backbone", "features", "num_classes", "feature_dim", "width", "cma_attention", "cma_scale",
@@ -123,7 +123,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", default=None, metavar="CKPT",
                    help="start from the weights of this checkpoint (e.g. a video-level run's best.pt)")
     g.add_argument("--segment-scorer", default="frames", choices=("frames", "context"),
-                   help="scorer of the segment MAP validation (see model.segments)")
+                   help="scorer of the segment MAP validation (see model.engine.segments)")
     return p
 
 
@@ -219,14 +219,9 @@ def load_label_embeddings(args, label_lists, device, out_dir: Path):
 
 
 def init_classifier_bias(model, freqs, floor: float = 1e-4) -> None:
-    """Start each class's bias at the log-odds of its training frequency.
-
-    With 3862 classes at ~0.1% positives, a zero bias puts every sigmoid at 0.5 and the first thousands of steps
-    (at the paper's lr 0.0002, far more) go into learning the label prior instead of the video content.
-    """
-    p = torch.as_tensor(freqs, dtype=torch.float32).clamp(floor, 1 - floor)
-    with torch.no_grad():
-        model.head.classifier.bias.copy_(torch.log(p / (1 - p)))
+    """The head's biases at the label prior's log-odds (``heads.init_bias_to_prior``): at the paper's lr 0.0002,
+    learning the prior from zero biases would take thousands of steps."""
+    init_bias_to_prior(model.head.classifier, freqs, floor)
 
 
 def load_init_checkpoint(args) -> dict:
@@ -361,5 +356,5 @@ def _tensorboard(out: Path):
 
 
 if __name__ == "__main__":
-    from model.cli import run_cli
+    from model.engine.cli import run_cli
     run_cli(main, get_args_parser())

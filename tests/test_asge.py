@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import asge
+from model.networks import asge
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,7 +269,7 @@ def test_cli_writes_embeddings_and_config(tmp_path):
 
 
 def test_cli_user_errors_are_one_line(tmp_path, capsys):
-    from model.cli import run_cli as run_entry_point
+    from model.engine.cli import run_cli as run_entry_point
     from shard_factory import write_random_shards
 
     write_random_shards(tmp_path / "data", num_videos=5, num_shards=1, num_classes=12, seed=2,

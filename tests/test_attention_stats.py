@@ -1,4 +1,4 @@
-"""model.attention_stats: lift on rated segments and label overlap, against hand-computed values."""
+"""model.metrics.attention: lift on rated segments and label overlap, against hand-computed values."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,9 @@ import pytest
 import torch
 from shard_factory import write_random_shards
 
-from model.attention_stats import AttentionStatsAccumulator, AttentionStatsError, attention_stats
-from model.data import make_loader
-from model.video_model import build_model
+from model.metrics.attention import AttentionStatsAccumulator, AttentionStatsError, attention_stats
+from model.data.video import make_loader
+from model.networks.video_model import build_model
 
 
 def ratings(*videos):

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.backbones import FCBackbone, MaskedBatchNorm1d, SNet, masked_max_pool1d
-from model.heads import (HEADS as HEAD_CLASSES, CMAHead, MeanPoolHead, PerClassSelfAttentionHead, SelfAttentionHead,
+from model.networks.video_backbones import FCBackbone, MaskedBatchNorm1d, SNet, masked_max_pool1d
+from model.networks.heads import (HEADS as HEAD_CLASSES, CMAHead, MeanPoolHead, PerClassSelfAttentionHead, SelfAttentionHead,
                          aggregate_logits, normalize_attention)
-from model.video_model import ModelConfigError, VideoClassifier, build_video_model
+from model.networks.video_model import ModelConfigError, VideoClassifier, build_video_model
 
 D, K, E = 12, 7, 6
 HEADS = list(HEAD_CLASSES)  # every head a model can be built with
@@ -373,7 +373,7 @@ def test_build_video_model_rejects_unknown_names_and_arguments():
 def test_dropout_acts_in_training_only_and_loads_into_any_model():
     torch.manual_seed(0)
     x, mask = torch.randn(4, 40, 16), torch.ones(4, 40, dtype=torch.bool)
-    from model.video_model import build_model
+    from model.networks.video_model import build_model
 
     args = {"head": "mean", "backbone": "fc", "feature_dim": 16, "num_classes": 5, "width": 8}
     plain, dropped = build_model(args), build_model({**args, "dropout": 0.5})

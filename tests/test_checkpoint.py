@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import checkpoint as ckpt_mod
-from model.checkpoint import (CheckpointError, capture_rng_state, check_compatible, load_checkpoint,
+from model.engine import checkpoint as ckpt_mod
+from model.engine.checkpoint import (CheckpointError, capture_rng_state, check_compatible, load_checkpoint,
                               restore_rng_state, save_checkpoint, to_plain)
 
 
@@ -196,9 +196,9 @@ def test_per_class_self_attention_saved_as_self_attn_loads_as_per_class(tmp_path
     """Checkpoints from before the paper's single-map head call the per-class head 'self-attn'; its (K, C)
     attention conv tells it apart, and every loader maps it to 'self-attn-per-class'."""
     from model.evaluate import load_model
-    from model.heads import PerClassSelfAttentionHead, SelfAttentionHead
+    from model.networks.heads import PerClassSelfAttentionHead, SelfAttentionHead
     from model.train_video import ARCH_KEYS, with_arch_defaults
-    from model.video_model import build_model, resolve_legacy_head
+    from model.networks.video_model import build_model, resolve_legacy_head
 
     args = {"head": "self-attn-per-class", "backbone": "fc", "features": "rgb", "feature_dim": 6,
             "num_classes": 4, "width": 8, "max_frames": 300}

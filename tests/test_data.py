@@ -1,4 +1,4 @@
-"""model.data: exactly-once sharding over workers and ranks, seeded shuffles, pad/mask/truncate, labels, errors."""
+"""model.data.video: exactly-once sharding over workers and ranks, seeded shuffles, pad/mask/truncate, labels, errors."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from model.data import (DataError, LabelOutOfRange, MissingFeature, ParquetVideoDataset, ReadUnit, collate_videos,
+from model.data.video import (DataError, LabelOutOfRange, MissingFeature, ParquetVideoDataset, ReadUnit, collate_videos,
                         dataset_summary, make_loader, plan_reads, shuffle_buffer)
 from pipeline.errors import Yt8mError
 from pipeline.shards import NoShardsFound
@@ -51,7 +51,7 @@ def test_two_dataloader_workers_yield_every_video_once(fixture, request):
 @pytest.mark.parametrize("world_size, workers", [(2, 1), (3, 1), (2, 2), (4, 2)])
 @pytest.mark.parametrize("fixture", ["three_shards", "one_shard"])
 def test_ranks_times_workers_partition_the_videos(fixture, world_size, workers, request, monkeypatch):
-    import model.data as data_mod
+    import model.data.video as data_mod
     data = request.getfixturevalue(fixture)
     seen: list[str] = []
     per_reader = []
@@ -72,7 +72,7 @@ def test_ranks_times_workers_partition_the_videos(fixture, world_size, workers, 
 
 
 def test_distributed_defaults_come_from_torch_distributed(three_shards, monkeypatch):
-    import model.data as data_mod
+    import model.data.video as data_mod
     monkeypatch.setattr(data_mod.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(data_mod.dist, "get_world_size", lambda: 3)
     monkeypatch.setattr(data_mod.dist, "get_rank", lambda: 1)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from model import explain
-from model.checkpoint import save_checkpoint
-from model.video_model import build_model
+from model.engine.checkpoint import save_checkpoint
+from model.networks.video_model import build_model
 from pipeline import shards
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -140,7 +140,7 @@ def test_cli_writes_png_and_numbers(video_data, tmp_path):
 
 
 def test_unknown_id_is_one_line_error(video_data, tmp_path, capsys):
-    from model.cli import run_cli
+    from model.engine.cli import run_cli
 
     with pytest.raises(explain.VideoNotFound, match=r"among the 5 videos of 2 shard"):
         explain.find_video(str(video_data), "missing")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.losses import ClassBalancedBCE, LossConfigError, class_balanced_bce, label_frequencies
+from model.networks.losses import ClassBalancedBCE, LossConfigError, class_balanced_bce, label_frequencies
 
 
 def batch(seed=0, B=4, K=6):

@@ -1,4 +1,4 @@
-"""model.metrics against hand-computed values, scikit-learn, and itself (batching, histogram mode)."""
+"""model.metrics.video against hand-computed values, scikit-learn, and itself (batching, histogram mode)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from model.metrics import (MetricsError, SegmentRatings, VideoMetrics, average_precision, gap, hit_at_1,
+from model.metrics.video import (MetricsError, SegmentRatings, VideoMetrics, average_precision, gap, hit_at_1,
                            map_full_ranking, perr, segment_map, segment_map_report, top_k_per_row, youtube8m_map)
 
 

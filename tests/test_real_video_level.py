@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REAL_DATA
 from model import evaluate, train_video
-from model.metrics import VideoMetrics
+from model.metrics.video import VideoMetrics
 from pipeline.shards import iter_videos, list_shards
 
 NUM_CLASSES = 3862

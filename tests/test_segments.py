@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import evaluate, segments as sg, tag_segments, train_video
-from model.checkpoint import save_checkpoint
-from model.losses import class_balanced_bce
-from model.submission import read_segment_submission, segment_map_from_csv
-from model.video_model import VideoClassifier, build_video_model
+from model import evaluate, tag_segments, train_video
+from model.engine import segments as sg
+from model.engine.checkpoint import save_checkpoint
+from model.networks.losses import class_balanced_bce
+from model.engine.submission import read_segment_submission, segment_map_from_csv
+from model.networks.video_model import VideoClassifier, build_video_model
 from pipeline import shards
 from shard_factory import write_random_shards
 
@@ -78,7 +79,7 @@ class FixedHead(nn.Module):
 
 
 def test_context_scorer_maps_snet_steps_to_frames():
-    from model.backbones import SNet
+    from model.networks.video_backbones import SNet
 
     backbone = SNet(in_dim=6, channels=(4, 4, 4, 4)).eval()
     assert sg.time_stride(backbone) == 16
@@ -354,7 +355,7 @@ def planted_data(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("from_shards", [False, True])
 def test_model_segment_map_is_the_official_one_hand_computed(planted_data, from_shards):
-    from model.data import make_loader
+    from model.data.video import make_loader
 
     loader = make_loader(str(planted_data), batch_size=2, workers=0, num_classes=3, shuffle=False,
                          segment_labels=True)
@@ -392,7 +393,7 @@ def test_tag_segments_kaggle_csv_defaults_to_the_rated_classes(planted_data, tmp
 
 
 def test_evaluate_without_checkpoint_or_submission_is_a_user_error(rated_data, capsys):
-    from model.cli import run_cli
+    from model.engine.cli import run_cli
 
     with pytest.raises(SystemExit) as e:
         run_cli(evaluate.main, evaluate.get_args_parser(), ["--segments", "--data", str(rated_data)])
@@ -454,7 +455,7 @@ def test_train_video_segment_finetuning_from_init(tmp_path):
     for name, _ in model.named_parameters():  # lr 0: the weights are the --init weights
         torch.testing.assert_close(tuned[name], init[name])
     model.load_state_dict(tuned)
-    from model.data import make_loader
+    from model.data.video import make_loader
 
     loader = make_loader(str(tmp_path / "data"), batch_size=6, workers=0, num_classes=K, shuffle=False,
                          segment_labels=True)

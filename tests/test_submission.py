@@ -1,4 +1,4 @@
-"""model.submission: CSV round trips, header/bytes/whitespace tolerance, line-numbered errors, GAP from a CSV."""
+"""model.engine.submission: CSV round trips, header/bytes/whitespace tolerance, line-numbered errors, GAP from a CSV."""
 from __future__ import annotations
 
 import io
@@ -6,8 +6,8 @@ import io
 import numpy as np
 import pytest
 
-from model.metrics import SegmentRatings, VideoMetrics, segment_map, top_k_per_row
-from model.submission import (SEGMENT_HEADER, VIDEO_HEADER, SubmissionFormatError, VideoPredictionWriter,
+from model.metrics.video import SegmentRatings, VideoMetrics, segment_map, top_k_per_row
+from model.engine.submission import (SEGMENT_HEADER, VIDEO_HEADER, SubmissionFormatError, VideoPredictionWriter,
                               iter_video_predictions, read_segment_submission, read_video_predictions,
                               recompute_gap_from_csv, segment_map_from_csv, write_segment_submission,
                               write_video_predictions)

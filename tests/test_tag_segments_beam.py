@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model import tag_segments as local_tagger
-from model.checkpoint import save_checkpoint
-from model.video_model import build_model
+from model.engine.checkpoint import save_checkpoint
+from model.networks.video_model import build_model
 from shard_factory import write_random_shards
 
 NUM_CLASSES = 12

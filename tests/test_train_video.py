@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from model import evaluate, train_video
-from model.checkpoint import CheckpointError
-from model.metrics import VideoMetrics
-from model.submission import recompute_gap_from_csv
-from model.video_model import CMA_FLAG_DEFAULTS
+from model.engine.checkpoint import CheckpointError
+from model.metrics.video import VideoMetrics
+from model.engine.submission import recompute_gap_from_csv
+from model.networks.video_model import CMA_FLAG_DEFAULTS
 from pipeline.shards import iter_videos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_streaming_metrics_equal_one_shot_on_real_predictions(data, tmp_path):
     run = tmp_path / "run"
     _train(data, run, "--epochs", "1", "--head", "mean", "--backbone", "fc")
     model, a = evaluate.load_model(str(run / "best.pt"), torch.device("cpu"))
-    from model.data import make_loader
+    from model.data.video import make_loader
     loader = make_loader(str(data / "val"), batch_size=5, workers=0, features=("rgb",), num_classes=3862,
                          max_frames=300, shuffle=False, device=torch.device("cpu"))
     scores, labels, stream = [], [], VideoMetrics(3862)
@@ -204,7 +204,7 @@ def test_segment_validation_picks_best_pt_by_the_number_evaluate_reports(tmp_pat
     """--segment-labels validation and `model.evaluate --segments` go through one code path: the best epoch's
     val_segment_map in metrics.json is the segment MAP evaluate gives for best.pt (ratings past a video's last
     frame included, every window ranked)."""
-    from model.segments import read_segment_ratings
+    from model.engine.segments import read_segment_ratings
     from shard_factory import write_random_shards
 
     data = write_random_shards(tmp_path / "seg", num_videos=24, num_shards=2, with_segments=True, num_classes=20,

@@ -30,12 +30,12 @@ def label_frequencies(label_lists: Iterable[Sequence[int]], num_classes: int) ->
     """f_k: the fraction of videos that carry label k (a label repeated within a video counts once).
 
     Args:
-        label_lists: one int array per training video, or ``model.asge.LabelSets``.
+        label_lists: one int array per training video, or ``model.networks.asge.LabelSets``.
         num_classes: K.
     Returns:
         (K,) float64 in [0, 1].
     """
-    from model.asge import video_label_matrix  # one place that validates ids and drops in-video repeats
+    from model.networks.asge import video_label_matrix  # one place that validates ids and drops in-video repeats
 
     x = video_label_matrix(label_lists, num_classes)
     if x.shape[0] == 0:

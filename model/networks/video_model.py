@@ -11,8 +11,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from model.backbones import BACKBONES
-from model.heads import HEADS
+from model.networks.video_backbones import BACKBONES
+from model.networks.heads import HEADS
 from pipeline.errors import Yt8mError
 
 

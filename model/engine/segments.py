@@ -52,8 +52,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from model.heads import MeanPoolHead
-from model.metrics import SEGMENT_TOP_K, SegmentMapReport, SegmentRatings, as_str_id, segment_map_report
+from model.networks.heads import MeanPoolHead
+from model.metrics.video import SEGMENT_TOP_K, SegmentMapReport, SegmentRatings, as_str_id, segment_map_report
 from pipeline.errors import Yt8mError
 
 SEGMENT_FRAMES = 5
@@ -406,7 +406,7 @@ class SegmentExamples:
 
 
 def segment_training_examples(batch: Mapping[str, Any], num_classes: int) -> SegmentExamples:
-    """Rated segments of a ``model.data`` batch (``segment_labels=True``) as 5-frame examples."""
+    """Rated segments of a ``model.data.video`` batch (``segment_labels=True``) as 5-frame examples."""
     x, mask = batch["x"], batch["mask"]
     B, T, D = x.shape
     lengths = mask.sum(dim=1).tolist()
@@ -450,7 +450,7 @@ def read_segment_ratings(data: str) -> SegmentRatings:
     """Every segment rating of the shards under ``data`` (only the id and segment columns are read), also those
     that start past their video's last frame: the metric counts them (see ``segment_map_report``).
     Raises ``DataError`` when a shard has no segment columns."""
-    from model.data import DataError
+    from model.data.video import DataError
     from pipeline import shards as shard_io
 
     ratings = SegmentRatings()
@@ -500,7 +500,7 @@ def rank_segments(model: nn.Module, loader: Iterable[Mapping[str, Any]], device:
     """Per class of ``classes``, its ``k`` best windows over every window of every video of ``loader`` (what a
     submission holds): ``({class: [(video id, start)]}, windows ranked)``. Ties: loader order. Runs the model
     as it is (call ``model.eval()`` first) under the device's autocast."""
-    from model.device import autocast
+    from model.engine.device import autocast
 
     classes = np.asarray(classes, dtype=np.int64)
     top = TopSegmentsPerClass(classes, k)

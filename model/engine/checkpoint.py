@@ -116,7 +116,7 @@ def _check_weights_only_safe(written: io.BytesIO | str, path: str) -> None:
     if unsafe:
         raise CheckpointError(f"not saving {path}: the state holds objects torch.load(weights_only=True) refuses "
                               f"({', '.join(sorted(unsafe))}); convert them to str/int/float/list/dict/tensor "
-                              f"(model.checkpoint.to_plain does this for args)")
+                              f"(model.engine.checkpoint.to_plain does this for args)")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",

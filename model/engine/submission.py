@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from model.metrics import SEGMENT_TOP_K, as_numpy, as_str_id, average_precision, top_k_per_row
+from model.metrics.video import SEGMENT_TOP_K, as_numpy, as_str_id, average_precision, top_k_per_row
 from pipeline.errors import Yt8mError
 
 VIDEO_HEADER = "VideoId,LabelConfidencePairs"
@@ -104,12 +104,48 @@ def _parse_int(token: str, what: str, line_number: int) -> int:
 # video level
 
 
+IMAGE_HEADER = "ImageId,LabelConfidencePairs"
+
+
+class ImagePredictionWriter:
+    """The image twin of the video submission: header ``ImageId,LabelConfidencePairs``, then one row per image, its
+    COCO image id and space-separated ``category_id probability`` pairs for every class, in label-map order.
+
+    Args:
+        target: path (local or fsspec URL) or an open text file (left open by :meth:`close`).
+        category_ids: (K,) COCO category ids, in the model's label order.
+    """
+
+    def __init__(self, target: Any, category_ids: Sequence[int]):
+        self.category_ids = [int(c) for c in category_ids]
+        self._file, self._owned = _open(target, "w")
+        self.images = 0
+        self._file.write(IMAGE_HEADER + "\n")
+
+    def write(self, image_ids: Sequence[Any], probs: Any) -> None:
+        """One batch: ``image_ids`` (B,), ``probs`` (B, K) probabilities."""
+        p = as_numpy(probs)
+        if p.ndim != 2 or p.shape != (len(image_ids), len(self.category_ids)):
+            raise SubmissionFormatError(0, f"{len(image_ids)} image ids and {len(self.category_ids)} classes but "
+                                           f"probabilities of shape {p.shape}")
+        for image_id, row in zip(image_ids, p.tolist()):
+            pairs = " ".join(f"{c} {v:.6f}" for c, v in zip(self.category_ids, row))
+            self._file.write(f"{image_id},{pairs}\n")
+        self.images += len(image_ids)
+
+    def close(self) -> None:
+        if self._owned:
+            self._file.close()
+        else:
+            self._file.flush()
+
+
 class VideoPredictionWriter:
     """Writes the video-level submission batch by batch: header, then each video's top ``top_k`` classes.
 
     Args:
         target: path (local or fsspec URL) or an open text file (left open by :meth:`close`).
-        top_k: classes per video (official: 20); ties as in :func:`model.metrics.top_k_per_row`.
+        top_k: classes per video (official: 20); ties as in :func:`model.metrics.video.top_k_per_row`.
         header: write the ``VideoId,LabelConfidencePairs`` header line.
     """
 
@@ -228,7 +264,7 @@ def recompute_gap_from_csv(source: Any, labels_by_id: Mapping[str, Iterable[int]
 
     Each listed video contributes its best ``top_k`` pairs (by score, ties: lower label first); the denominator
     is every label in ``labels_by_id`` ({video id: label ids}), so videos missing from the file count as missed.
-    Ties across videos follow the block rule of :mod:`model.metrics`; the result therefore equals
+    Ties across videos follow the block rule of :mod:`model.metrics.video`; the result therefore equals
     ``VideoMetrics(...).compute()["gap"]`` on the same scores, and differs from it on raw scores only by the
     rounding to 6 decimals. Memory: 9 bytes per ranked pair.
     """
@@ -329,7 +365,7 @@ def read_segment_submission(source: Any) -> dict[int, list[tuple[str, int]]]:
 
 def segment_map_from_csv(source: Any, ratings: Mapping[int, Mapping[tuple[str, int], int]],
                          k: int = SEGMENT_TOP_K):
-    """:func:`model.metrics.segment_map_report` of a ``Class,Segments`` file."""
-    from model.metrics import segment_map_report
+    """:func:`model.metrics.video.segment_map_report` of a ``Class,Segments`` file."""
+    from model.metrics.video import segment_map_report
 
     return segment_map_report(read_segment_submission(source), ratings, k)

@@ -4,7 +4,7 @@ data's planted evidence).
 Two numbers, both computed from the head's video-level attention a_k (B, K, T') over backbone output steps:
 
 * Lift of a rated (segment s, class k) pair: the attention mass of class k on segment s, M_k(s) (step weights
-  spread evenly over the valid frames each step covers, as in ``model.segments``), divided by the segment's share
+  spread evenly over the valid frames each step covers, as in ``model.engine.segments``), divided by the segment's share
   of the video's valid frames, n_s / T. Uniform attention (mean pooling) gives 1 everywhere. Attention that sits
   entirely on the one step holding s gives T / stride at most (SNet: one step covers 16 frames), so the ceiling
   grows with video length; compare models on the same data only. A head that localizes class k lifts the segments
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from model.segments import SEGMENT_FRAMES, step_segment_weights, time_stride
+from model.engine.segments import SEGMENT_FRAMES, step_segment_weights, time_stride
 from pipeline.errors import Yt8mError
 
 
@@ -76,7 +76,7 @@ class AttentionStatsAccumulator:
             attn: (B, K, T') attention over output steps, zero at padded steps.
             num_frames: (B,) valid input frames per video.
             T: padded input frames; stride: frames per output step.
-            batch: ``model.data`` batch with ``segment_start_times``, ``segment_labels``, ``segment_scores``
+            batch: ``model.data.video`` batch with ``segment_start_times``, ``segment_labels``, ``segment_scores``
                 (per-video arrays) and ``labels`` (B, K) multi-hot for the overlap.
         """
         B, K, T_out = attn.shape

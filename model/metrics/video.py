@@ -668,7 +668,7 @@ class SegmentMapReport:
     unrated: int = 0  # within k but not rated for that class: neither hit nor miss
     duplicates: int = 0  # a segment repeated within a class's list: only its first occurrence counts
     hits: int = 0  # positively rated predictions
-    windows: int = 0  # windows ranked, when the submission came from a model (``model.segments``)
+    windows: int = 0  # windows ranked, when the submission came from a model (``model.engine.segments``)
 
 
 def segment_map_report(submission: Mapping[int, Sequence[tuple[Any, Any]]],

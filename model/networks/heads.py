@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.backbones import MaskedBatchNorm1d
+from model.networks.video_backbones import MaskedBatchNorm1d
 
 CMA_ATTENTION = ("relu", "softmax")
 
@@ -283,8 +283,19 @@ class MeanPoolHead(nn.Module):
         return self.classifier(pooled)
 
 
+def init_bias_to_prior(classifier: nn.Linear, freqs, floor: float = 1e-4) -> None:
+    """Start each class's bias at the log-odds of its training frequency.
+
+    With thousands of classes at ~0.1% positives, a zero bias puts every sigmoid at 0.5 and the first thousands of
+    steps go into learning the label prior instead of the content.
+    """
+    p = torch.as_tensor(freqs, dtype=torch.float32).clamp(floor, 1 - floor)
+    with torch.no_grad():
+        classifier.bias.copy_(torch.log(p / (1 - p)))
+
+
 HEADS = {"mean": MeanPoolHead, "self-attn": SelfAttentionHead, "self-attn-per-class": PerClassSelfAttentionHead,
          "cma": CMAHead}
 
 __all__ = ["CMAHead", "SelfAttentionHead", "PerClassSelfAttentionHead", "MeanPoolHead", "CrossModalityTransformer",
-           "HEADS", "normalize_attention", "aggregate_logits"]
+           "HEADS", "normalize_attention", "aggregate_logits", "init_bias_to_prior"]

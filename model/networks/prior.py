@@ -10,9 +10,9 @@ from typing import Iterator
 
 import numpy as np
 
-from model.asge import read_training_labels
-from model.data import DataError
-from model.losses import label_frequencies
+from model.networks.asge import read_training_labels
+from model.data.video import DataError
+from model.networks.losses import label_frequencies
 from pipeline import shards
 
 

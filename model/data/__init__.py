@@ -1,0 +1,1 @@
+"""Data loading: Parquet video shards, COCO-format images."""

@@ -1,0 +1,1 @@
+"""What runs models: checkpoints, devices, command-line plumbing, submissions, segment scoring."""

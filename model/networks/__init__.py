@@ -1,0 +1,1 @@
+"""Network parts: video and image backbones, the CMA head both branches share, ASGE, losses, whole models."""
