@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench venv clean
+.PHONY: demo demo-image test bench venv clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	OUT=$(DEMO_OUT) PY=$(PY) bash scripts/demo.sh
+
+demo-image: $(STAMP)
+	OUT=$(DEMO_OUT) PY=$(PY) bash scripts/demo_image.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -179,7 +179,7 @@ def cached_map_loaders(args, backbone, train_set, val_set, device):
     if not args.freeze_backbone:
         raise DataError("--cache-features needs --freeze-backbone (a trained backbone changes its maps)")
     weights = (file_sha256(args.backbone_weights) if args.backbone_weights
-               else "random" if args.random_init else "packaged")
+               else f"random(seed {args.seed})" if args.random_init else "packaged")  # the seed draws them
     mean, std = backbone.mean, backbone.std
     loaders = []
     for split, manifest, ann in (("train", train_set, args.train_ann), ("val", val_set, args.val_ann)):
@@ -230,6 +230,8 @@ def main(args) -> dict:
         label_emb = (ckpt["model"]["heads.0.label_embeddings"] if ckpt is not None
                      else load_label_embeddings(args, train_set.label_lists(), device, out))
     model = build_image_model(args, backbone, label_embeddings=label_emb).to(device)
+    if ckpt is not None:  # before the map cache: a cache built on resume must see the trained, not random, weights
+        model.load_state_dict(ckpt["model"])
     freqs = label_frequencies(train_set.label_lists(), args.num_classes)
     if ckpt is None:
         for head in model.heads:  # every scale starts at the label prior, so their Eq. 11 mean does too
@@ -251,7 +253,6 @@ def main(args) -> dict:
 
     start_epoch, step, best, history = 0, 0, -math.inf, []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_metric"]

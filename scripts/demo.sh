@@ -64,4 +64,7 @@ printf '\nA model that does not beat the label prior learned nothing from the fr
 printf 'shows what attention adds. The sample is small (2000 videos of at most 120 frames, 4 epochs); the README\n'
 printf 'compares the models at YouTube-8M video lengths (Table 4).\n'
 
+# the image branch: the same heads on synthetic COCO-format data (scripts/demo_image.sh, also `make demo-image`)
+OUT="$OUT" PY="$PY" bash scripts/demo_image.sh
+
 printf '\nDemo finished. Everything is under: %s\n' "$(cd "$OUT" && pwd)"

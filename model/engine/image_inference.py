@@ -4,6 +4,7 @@ Shared by ``model.train_image`` (validation each epoch), ``model.evaluate --imag
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -17,6 +18,16 @@ from model.networks.image_backbones import build_image_backbone
 from model.networks.image_model import ImageClassifier, build_image_model
 
 
+_REASON_PREFIX = re.compile(r"^cannot read image .*?: ")
+
+
+def reason_kind(reason: str) -> str:
+    """What a broken item's reason (``str(ImageDecodeError)``: ``cannot read image PATH: MESSAGE``) says is wrong,
+    without the file's own details (its path; sizes and bytes in parentheses), so that reasons group when counted."""
+    message = _REASON_PREFIX.sub("", str(reason), count=1)
+    return message.split(" (")[0].strip() or message
+
+
 @dataclass
 class BrokenImages:
     """Images a loader could not read, counted per reason with a few examples (nothing is dropped silently)."""
@@ -27,10 +38,10 @@ class BrokenImages:
     def add(self, items: Iterable[tuple[Any, str]]) -> None:
         for key, reason in items:
             self.count += 1
-            kind = reason.split(":")[0]
+            kind = reason_kind(reason)
             self.by_reason[kind] = self.by_reason.get(kind, 0) + 1
             if len(self.examples) < 5:
-                self.examples.append(f"{key}: {reason}")
+                self.examples.append(reason if str(key) in reason else f"{key}: {reason}")
 
     def summary(self) -> dict:
         return {"count": self.count, "by_reason": dict(self.by_reason), "examples": list(self.examples)}

@@ -154,15 +154,17 @@ class ImageClassifier(nn.Module):
     @torch.no_grad()
     def attention(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per scale, each class's attention over the image, (B, K, H_l, W_l) (the paper's Fig. 4)."""
+        return self.attention_from_maps(self.backbone_maps(images))
+
+    @torch.no_grad()
+    def attention_from_maps(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``attention`` from backbone maps computed earlier (the frozen-backbone feature cache)."""
         out = []
-        for head, fmap in zip(self.heads, self.scale_maps(self.backbone_maps(images))):
+        for head, fmap in zip(self.heads, self.scale_maps(maps)):
             B, C, H, W = fmap.shape
             feats, mask = flatten_map(fmap)
             out.append(head.attention(feats, mask).reshape(B, -1, H, W))  # (B, K, H, W)
         return out
-
-    def classifier_biases(self) -> list[torch.Tensor]:
-        return [h.classifier.bias for h in self.heads]
 
     def set_backbone_frozen(self, frozen: bool) -> None:
         """Train the heads only: no gradient into the backbone, and its BN statistics kept (eval mode)."""
