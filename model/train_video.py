@@ -348,6 +348,19 @@ def _epoch_line(r: dict) -> str:
 
 
 def _tensorboard(out: Path):
+    """A ``SummaryWriter`` for ``out/tb``, or None without the tensorboard package (the scalars also land in
+    metrics.json).
+
+    TensorFlow stays out of the process. ``tensorboard.compat.tf``, which torch's writer touches when imported, is
+    TensorFlow itself whenever that is installed, unless a module ``tensorboard.compat.notf`` can be imported: the
+    hook of tensorboard's ``//tensorboard/compat:no_tensorflow`` target, which makes it use its own TensorFlow stub
+    (all the event file writer needs). The pip wheel does not ship that module, so it is registered here, empty.
+    Without this, importing the writer costs seconds and prints TensorFlow's start-up lines. A process where
+    ``tensorboard.compat.tf`` was already resolved keeps what it has.
+    """
+    import types
+
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional at run time; the scalars also land in metrics.json

@@ -1,4 +1,8 @@
-"""pipeline.records: the codec agrees with TensorFlow's own parsing, and every bad record gets its reason."""
+"""pipeline.records: the codec agrees with TensorFlow's own parsing, and every bad record gets its reason.
+
+The codec runs on ``pipeline.example_proto`` (no TensorFlow); TensorFlow here is the independent reference: its
+``tf.train`` classes and ``tf.io.parse_single_*`` parsers.
+"""
 from __future__ import annotations
 
 import pickle
@@ -6,7 +10,7 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline import records
+from pipeline import example_proto, records
 from pipeline.errors import RecordError
 from pipeline.records import VideoRecord, decode_example, decode_record, decode_sequence_example, dequantize, quantize
 from pipeline.tfrecord import read_records
@@ -54,6 +58,14 @@ def example(rgb_len=1024, audio_len=128, labels=(3,), id_key="id", drop=()) -> b
     for key in drop:
         del feats[key]
     return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+def _frames_with(n: int, replace: dict, size: int = 1024) -> "tf.train.FeatureList":
+    """``n`` random frames of ``size`` bytes, frame ``t`` replaced by the Feature ``replace[t]``."""
+    frames = _frames(n, size, 4)
+    for t, feature in replace.items():
+        frames.feature[t].CopyFrom(feature)
+    return frames
 
 
 def segments(starts, labels, scores, ends=None) -> dict:
@@ -256,7 +268,10 @@ BAD_FRAME_RECORDS = {
     "legacy_2017_format": [sequence_example(id_key="video_id")],
     "bad_frame_length": [sequence_example(rgb_bytes=1023), sequence_example(audio_bytes=129),
                          sequence_example(feature_lists={"rgb": tf.train.FeatureList(
-                             feature=[_bytes(bytes(1024), bytes(1024))])})],
+                             feature=[_bytes(bytes(1024), bytes(1024))])}),
+                         sequence_example(feature_lists={"rgb": _frames_with(4, {2: _bytes(bytes(1000))})}),
+                         sequence_example(feature_lists={"rgb": _frames_with(4, {3: _floats([0.5] * 256)})}),
+                         sequence_example(feature_lists={"audio": _frames_with(4, {0: _bytes()}, size=128)})],
     "frame_count_mismatch": [sequence_example(rgb_frames=10, audio_frames=9)],
     "zero_frames": [sequence_example(rgb_frames=0, audio_frames=0)],
     "label_out_of_range": [sequence_example(labels=(3, 3862)), sequence_example(labels=(-1,)),
@@ -272,7 +287,7 @@ BAD_VIDEO_RECORDS = {
     "unparsable": [b"garbage!!"],
     "missing_feature": [b"", example(drop=("mean_rgb",)), example(drop=("id",)), sequence_example()],
     "legacy_2017_format": [example(id_key="video_id")],
-    "bad_frame_length": [example(rgb_len=1000), example(audio_len=0)],
+    "bad_frame_length": [example(rgb_len=1000), example(audio_len=0), example(rgb_len=1025)],
     "label_out_of_range": [example(labels=(4000,))],
 }
 
@@ -324,3 +339,174 @@ def test_frame_and_video_level_mix_ups_say_which_level_to_use():
 def test_unknown_reason_is_a_programming_error():
     with pytest.raises(ValueError, match="unknown RecordError reason"):
         RecordError("bad_luck", "x")
+
+
+# -- the TensorFlow-free schema: wire compatibility with tf.train ------------------------------------------------------
+MESSAGES = ("BytesList", "FloatList", "Int64List", "Feature", "Features", "FeatureList", "FeatureLists", "Example",
+            "SequenceExample")
+
+
+def _wire_shape(descriptor) -> tuple:
+    """What the wire format depends on, per field: name, number, type, repeated, packed, message type, oneof;
+    and the nested map entry messages."""
+    fields = sorted((f.name, f.number, f.type, f.label, f.is_packed,
+                     f.message_type.name if f.message_type else None,
+                     f.containing_oneof.name if f.containing_oneof else None) for f in descriptor.fields)
+    nested = sorted((n.name, n.GetOptions().map_entry, _wire_shape(n)) for n in descriptor.nested_types)
+    return tuple(fields), tuple(nested)
+
+
+@pytest.mark.parametrize("name", MESSAGES)
+def test_schema_matches_tf_train_field_for_field(name):
+    ours, theirs = getattr(example_proto, name).DESCRIPTOR, getattr(tf.train, name).DESCRIPTOR
+    assert ours.full_name == f"yt8m_cma.records.{name}" and theirs.full_name == f"tensorflow.{name}"
+    assert _wire_shape(ours) == _wire_shape(theirs)
+    assert ours.file.pool is not theirs.file.pool  # a private pool: no clash with TensorFlow's default one
+
+
+def _payloads(synthetic_frame_dir, synthetic_video_dir):
+    """(message name, serialized record) of every generated and real record."""
+    out = [("SequenceExample", b) for p in sorted(synthetic_frame_dir.glob("*.tfrecord"))
+           for _, b in read_records(str(p))]
+    out += [("Example", b) for p in sorted(synthetic_video_dir.glob("*.tfrecord")) for _, b in read_records(str(p))]
+    out += [("Example", b) for p in sorted(REAL_DATA.glob("*.tfrecord")) for _, b in read_records(str(p))]
+    return out
+
+
+def test_records_parse_to_the_same_message_as_tf_train(synthetic_frame_dir, synthetic_video_dir):
+    payloads = _payloads(synthetic_frame_dir, synthetic_video_dir)
+    assert len(payloads) == 24 + 24 + 243 + 251
+    for name, payload in payloads:
+        ours = getattr(example_proto, name).FromString(payload)
+        theirs = getattr(tf.train, name).FromString(payload)
+        assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
+        assert ours.ByteSize() == theirs.ByteSize() == len(payload)
+
+
+def _tf_sequence_example(rec: VideoRecord) -> bytes:
+    """The reference encoder: tf.train messages built one per frame (what the codec did before it left
+    TensorFlow), serialized deterministically."""
+    context = {"id": _bytes(rec.id.encode()), "labels": _ints(rec.labels.tolist())}
+    if rec.has_segments:
+        context.update(segments(rec.segment_start_times.tolist(), rec.segment_labels.tolist(),
+                                rec.segment_scores.tolist()))
+    lists = {name: tf.train.FeatureList(feature=[_bytes(row.tobytes()) for row in getattr(rec, name)])
+             for name in ("rgb", "audio") if getattr(rec, name) is not None}
+    return tf.train.SequenceExample(context=tf.train.Features(feature=context),
+                                    feature_lists=tf.train.FeatureLists(feature_list=lists)
+                                    ).SerializeToString(deterministic=True)
+
+
+def test_encoded_frame_records_are_tensorflows_bytes_and_parse_in_tensorflow(synthetic_frame_dir):
+    recs = [decode_sequence_example(b) for p in sorted(synthetic_frame_dir.glob("*.tfrecord"))
+            for _, b in read_records(str(p))]
+    no_audio = _record(frames=7, with_segments=False)
+    no_audio.audio = None
+    recs += [_record(), _record(with_segments=False), no_audio]
+    for rec in recs:
+        payload = records.encode_sequence_example(rec)
+        assert payload == _tf_sequence_example(rec)  # byte for byte, map keys sorted in both
+        if rec.audio is None:
+            continue
+        context, rgb, audio = _tf_parse_frame_level(payload)
+        assert context["id"].numpy().decode() == rec.id
+        np.testing.assert_array_equal(context["labels"].values.numpy(), rec.labels)
+        np.testing.assert_array_equal(rgb, rec.features("rgb"))
+        np.testing.assert_array_equal(audio, rec.features("audio"))
+        if rec.has_segments:
+            np.testing.assert_array_equal(context["segment_start_times"].values.numpy(), rec.segment_start_times)
+            np.testing.assert_array_equal(context["segment_labels"].values.numpy(), rec.segment_labels)
+            np.testing.assert_array_equal(context["segment_scores"].values.numpy(), rec.segment_scores)
+
+
+def test_encoded_video_records_are_tensorflows_bytes_and_parse_in_tensorflow():
+    rec = _record()
+    payload = records.encode_example(rec)
+    mean_rgb, mean_audio = rec.features("rgb").mean(0), rec.features("audio").mean(0)
+    reference = tf.train.Example(features=tf.train.Features(feature={
+        "id": _bytes(rec.id.encode()), "labels": _ints(rec.labels.tolist()),
+        "mean_rgb": _floats(mean_rgb.tolist()), "mean_audio": _floats(mean_audio.tolist())}))
+    assert payload == reference.SerializeToString(deterministic=True)
+    parsed = tf.io.parse_single_example(payload, {
+        "id": tf.io.FixedLenFeature([], tf.string), "labels": tf.io.VarLenFeature(tf.int64),
+        "mean_rgb": tf.io.FixedLenFeature([1024], tf.float32), "mean_audio": tf.io.FixedLenFeature([128], tf.float32)})
+    assert parsed["id"].numpy() == b"ab_9"
+    np.testing.assert_array_equal(parsed["labels"].values.numpy(), [7, 9, 3000])
+    np.testing.assert_array_equal(parsed["mean_rgb"].numpy(), mean_rgb)
+    np.testing.assert_array_equal(parsed["mean_audio"].numpy(), mean_audio)
+
+
+def _same_record(a: VideoRecord, b: VideoRecord) -> None:
+    assert (a.id, a.level, a.truncated_frames) == (b.id, b.level, b.truncated_frames)
+    for name in ("labels", "rgb", "audio", "segment_start_times", "segment_labels", "segment_scores"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == y.dtype and x.shape == y.shape and x.flags.writeable and y.flags.writeable, name
+            np.testing.assert_array_equal(x, y)
+
+
+def test_bulk_and_per_value_paths_give_the_same_records(synthetic_frame_dir, synthetic_video_dir, monkeypatch):
+    payloads = _payloads(synthetic_frame_dir, synthetic_video_dir)
+    payloads.append(("SequenceExample", sequence_example(rgb_frames=310, extra_context=segments([0], [3], [0.5]))))
+    level = {"SequenceExample": "frame", "Example": "video"}
+    bulk = [decode_record(p, level=level[name]) for name, p in payloads]
+    monkeypatch.setattr(records, "_frames_in_bulk", lambda *args: None)
+    monkeypatch.setattr(records, "_float_values", lambda float_list: np.asarray(float_list.value, np.float32))
+    for (name, payload), fast in zip(payloads, bulk):
+        _same_record(fast, decode_record(payload, level=level[name]))
+
+
+def test_valid_non_canonical_encodings_take_the_per_value_path():
+    """Unknown fields inside frames, unpacked floats, an unknown field in a float list: valid records whose
+    re-serialization is not the canonical layout; they decode like the canonical record."""
+    unknown = b"\xa0\x06\x01"  # field 100, varint 1: skipped by every parser, kept (and written back) by protobuf
+    rng = np.random.default_rng(9)
+    rgb = rng.integers(0, 256, (4, 1024), dtype=np.uint8)
+    canonical = sequence_example(feature_lists={"rgb": tf.train.FeatureList(feature=[_bytes(r.tobytes())
+                                                                                     for r in rgb])})
+    odd = sequence_example(feature_lists={"rgb": tf.train.FeatureList(feature=[
+        tf.train.Feature.FromString(_bytes(r.tobytes()).SerializeToString() + unknown) for r in rgb])})
+    assert odd != canonical
+    lists = lambda payload: example_proto.SequenceExample.FromString(payload).feature_lists.feature_list  # noqa: E731
+    assert records._frames_in_bulk(lists(odd)["rgb"], 1024, 4) is None  # so the per-frame path read it
+    np.testing.assert_array_equal(records._frames_in_bulk(lists(canonical)["rgb"], 1024, 3), rgb[:3])
+    _same_record(decode_sequence_example(odd), decode_sequence_example(canonical))
+    np.testing.assert_array_equal(decode_sequence_example(odd).rgb, rgb)
+
+    mean = np.linspace(-1, 1, 1024, dtype=np.float32)
+    unpacked = b"".join(b"\x0d" + v.tobytes() for v in mean.astype("<f4"))  # one (tag, fixed32) pair per value
+    for float_list in (tf.train.FloatList.FromString(unpacked),
+                       tf.train.FloatList.FromString(_floats(mean).float_list.SerializeToString() + unknown)):
+        feats = tf.train.Example.FromString(example())
+        feats.features.feature["mean_rgb"].float_list.CopyFrom(float_list)
+        rec = decode_example(feats.SerializeToString())
+        np.testing.assert_array_equal(rec.rgb[0], mean)
+        assert rec.rgb.dtype == np.float32 and rec.rgb.flags.writeable
+
+
+def test_bad_frames_past_max_frames_are_not_read():
+    rgb = _frames_with(310, {305: _bytes(bytes(1023))})
+    payload = sequence_example(rgb_frames=310, feature_lists={"rgb": rgb})
+    rec = decode_sequence_example(payload)
+    assert rec.num_frames == 300 and rec.truncated_frames == 10
+    np.testing.assert_array_equal(rec.rgb, np.stack([np.frombuffer(f.bytes_list.value[0], np.uint8)
+                                                     for f in rgb.feature[:300]]))
+    with pytest.raises(RecordError, match="'rgb' frame 305 holds 1023 bytes") as info:
+        decode_sequence_example(payload, max_frames=310)
+    assert info.value.reason == "bad_frame_length"
+
+
+def test_decoded_frames_are_writable_copies():
+    payload = sequence_example()
+    rec = decode_sequence_example(payload)
+    assert rec.rgb.flags.writeable and rec.rgb.flags.c_contiguous and rec.audio.flags.writeable
+    rec.rgb[0, 0] ^= 1  # must not touch anything shared
+    assert decode_sequence_example(payload).rgb[0, 0] == rec.rgb[0, 0] ^ 1
+
+
+def test_non_bytes_input_is_a_type_error():
+    with pytest.raises(TypeError, match="serialized bytes"):
+        decode_sequence_example("not bytes")
+    rec = decode_sequence_example(bytearray(sequence_example()))
+    assert rec.id == "vid0" and decode_sequence_example(memoryview(sequence_example())).num_frames == 4
