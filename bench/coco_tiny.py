@@ -28,11 +28,16 @@ from model.data.map_cache import MapCacheDataset, make_map_loader, read_map_cach
 from model.engine.image_inference import load_image_model  # noqa: E402
 from model.metrics.image import ImageMetrics  # noqa: E402
 
-HEADS = [  # (row name, extra model.train_image flags)
-    ("global pooling", ["--head", "mean"]),
-    ("self-attention (single map)", ["--head", "self-attn"]),
-    ("CMA (Eq. 7)", ["--head", "cma"]),
-    ("MS-CMA (Eq. 7, 3 scales)", ["--head", "cma", "--scales", "3"]),
+HEADS = [  # (row name, run folder, extra model.train_image flags)
+    ("global pooling", "mean", ["--head", "mean"]),
+    ("self-attention (single map)", "self-attn", ["--head", "self-attn"]),
+    ("CMA (Eq. 7)", "cma", ["--head", "cma", "--cma-attention", "relu"]),
+    ("MS-CMA (Eq. 7, 3 scales)", "cma-ms", ["--head", "cma", "--scales", "3", "--cma-attention", "relu"]),
+    # not in the paper: the softmax attention (model.train_image's default), with ASGE and with random embeddings
+    ("CMA, softmax attention (default)", "cma-softmax", ["--head", "cma", "--cma-attention", "softmax"]),
+    ("CMA, softmax, random label embeddings", "cma-softmax-random",
+     ["--head", "cma", "--cma-attention", "softmax", "--label-emb", "random"]),
+    ("MS-CMA, softmax (3 scales)", "cma-ms-softmax", ["--head", "cma", "--scales", "3", "--cma-attention", "softmax"]),
 ]
 KEYS = ("map", "cp", "cr", "cf1", "op", "or", "of1", "top3_cp", "top3_cr", "top3_cf1", "top3_op", "top3_or",
         "top3_of1")
@@ -85,8 +90,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: dict[str, list[dict]] = {}
     for seed in seeds:
-        for name, flags in HEADS:
-            run = work / "runs" / f"{flags[1]}{'-ms' if '--scales' in flags else ''}_seed{seed}"
+        for name, folder, flags in HEADS:
+            run = work / "runs" / f"{folder}_seed{seed}"
             if not (run / "best.pt").exists():
                 train_image.main(train_image.get_args_parser().parse_args([
                     "--train-ann", str(ann["train"]), "--train-images", str(root / "train2017"),

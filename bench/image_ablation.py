@@ -35,9 +35,9 @@ from model.metrics.image import ImageMetrics  # noqa: E402
 VARIANTS = [  # (row name, extra model.train_image flags)
     ("global pooling", ["--head", "mean"]),
     ("self-attention (single map)", ["--head", "self-attn"]),
-    ("CMA (Eq. 7)", ["--head", "cma"]),
-    ("MS-CMA (Eq. 7, 3 scales)", ["--head", "cma", "--scales", "3"]),
-    # not in the paper: the softmax attention that model.train_video uses by default
+    ("CMA (Eq. 7)", ["--head", "cma", "--cma-attention", "relu"]),
+    ("MS-CMA (Eq. 7, 3 scales)", ["--head", "cma", "--scales", "3", "--cma-attention", "relu"]),
+    # not in the paper: the softmax attention that model.train_image and model.train_video use by default
     ("CMA, softmax attention", ["--head", "cma", "--cma-attention", "softmax"]),
 ]
 
