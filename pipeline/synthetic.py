@@ -1,7 +1,8 @@
 """Synthetic YouTube-8M data with planted structure: ``python -m pipeline.synthetic --out DIR --videos N ...``.
 
-Writes frame-level (or video-level) TFRecords in the official layout, built with TensorFlow's own protos and
-``tf.io.TFRecordWriter``, so every reader of real data reads them unchanged. The content is made so that the
+Writes frame-level (or video-level) TFRecords in the official layout (the tf.train wire format of
+``pipeline.records``, framed with CRC32C by ``pipeline.tfrecord``; TensorFlow's parsers read them, which the tests
+check), so every reader of real data reads them unchanged. The content is made so that the
 paper's claims can be checked on a laptop:
 
 * Classes come in co-occurrence groups (a video draws one or two groups, then several classes of each), so the
@@ -34,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import Yt8mError
+from pipeline.tfrecord import frame_record
 from pipeline.records import (AUDIO_DIM, MAX_FRAMES, RGB_DIM, SEGMENT_FRAMES, VOCAB_SIZE, VideoRecord,
                               encode_example, encode_sequence_example, quantize)
 from pipeline.vocabulary import write_vocabulary
@@ -351,8 +353,6 @@ def generate(out: str, videos: int, shards: int, seed: int, segments: bool = Fal
              prefix: str = "train", strength: float = 1.0, min_frames: int = 30,
              max_frames: int = MAX_FRAMES) -> dict:
     """Write the data set and its ``labels.json``/``config.json``; returns the summary written to config.json."""
-    import tensorflow as tf
-
     if seed < 0:
         raise GeneratorError(f"seed must be >= 0, got {seed}")
     if videos < 1 or not 1 <= shards <= videos:
@@ -374,11 +374,11 @@ def generate(out: str, videos: int, shards: int, seed: int, segments: bool = Fal
     frames = ratings = label_count = 0
     class_counts = {int(c): 0 for c in structure.class_ids}
     for s, path in enumerate(paths):
-        with tf.io.TFRecordWriter(path) as writer:
+        with open(path, "wb") as writer:
             for i in range(s * videos // shards, (s + 1) * videos // shards):
                 video = generate_video(seed, i, ids[i], segments=segments, strength=strength,
                                        min_frames=min_frames, max_frames=max_frames)
-                writer.write(encode(video.record))
+                writer.write(frame_record(encode(video.record)))
                 frames += video.record.num_frames
                 label_count += video.record.labels.size
                 ratings += 0 if video.record.segment_labels is None else video.record.segment_labels.size
