@@ -216,7 +216,10 @@ class ShardWriter:
         if parent:
             self._fs.makedirs(parent, exist_ok=True)
         plain = [c for c in schema.names if c not in self.meta["features"]]
-        options = dict(compression=compression, use_dictionary=plain, write_statistics=plain)
+        # CRC32 of every data page, verified on read (``_open_parquet``): a flipped byte inside a shard is an error
+        # naming the file, never silently different frames
+        options = dict(compression=compression, use_dictionary=plain, write_statistics=plain,
+                       write_page_checksum=True)
         if self._local:
             self._tmp: str | None = f"{self._fs_path}.tmp-{uuid.uuid4().hex}"
             self._file = None
@@ -331,18 +334,18 @@ def _open_parquet(path: str | os.PathLike) -> Iterator[pq.ParquetFile]:
         if "file" in _protocols(fs):
             # Arrow's own file reader: a Python file object costs each read a trip through the interpreter, which
             # halves the local read throughput of an uncompressed blob column (bench/parquet_layout.py).
-            pf = pq.ParquetFile(fs_path)
+            pf = pq.ParquetFile(fs_path, page_checksum_verification=True)
             try:
                 yield pf
             finally:
                 pf.close()
             return
         with fs.open(fs_path, "rb") as f:
-            yield pq.ParquetFile(f)
+            yield pq.ParquetFile(f, page_checksum_verification=True)
     except FileNotFoundError:
         raise NoShardsFound(f"shard {path} does not exist") from None
-    except pa.ArrowInvalid as e:
-        raise ShardError(f"{path} is not a readable Parquet file ({e})") from None
+    except (pa.ArrowInvalid, OSError) as e:  # OSError: a page whose CRC does not match, a truncated file
+        raise ShardError(f"{path} is corrupt or not a readable Parquet file ({str(e).splitlines()[0]})") from None
 
 
 def _info(pf: pq.ParquetFile, path: str) -> ShardInfo:

@@ -6,7 +6,7 @@
 A frozen backbone turns the same pixels into the same maps every epoch, so they are computed once (with the
 evaluation transform: no random crop or flip, which a cache cannot replay) and the heads then train at the speed
 of the heads alone. One row per image, in the ``pipeline.shards`` manner: each map is one ``binary`` cell holding
-the (C, H, W) array as row-major little-endian float16; ``image_id`` and ``labels`` (class indices) are plain
+the (C, H, W) array as row-major little-endian float16, every page with a CRC checked on read; ``image_id`` and ``labels`` (class indices) are plain
 columns. The schema metadata key ``yt8m_cma_image_maps`` holds JSON: format version, the map shapes, and the
 ``key`` that says what produced the maps (backbone, its weights, image size, annotation file, label map). A
 cache directory whose key differs from the one asked for is an error, never silently reused or overwritten.
@@ -156,7 +156,8 @@ class _ShardSequence:
             return
         if self._writer is None:
             self._tmp = self.directory / f".maps-{self.index:05d}.parquet.tmp-{uuid.uuid4().hex}"
-            self._writer = pq.ParquetWriter(str(self._tmp), _schema(self.shapes, self.key), compression="none")
+            self._writer = pq.ParquetWriter(str(self._tmp), _schema(self.shapes, self.key), compression="none",
+                                           write_page_checksum=True)
         schema = self._writer.schema_arrow if hasattr(self._writer, "schema_arrow") else self._writer.schema
         self._writer.write_batch(pa.RecordBatch.from_pylist(self.rows, schema=schema))
         self.shard_rows += len(self.rows)
@@ -207,7 +208,13 @@ class MapCacheDataset(torch.utils.data.Dataset):
 
     def _group(self, s: int, g: int) -> pa.Table:
         if self._loaded is None or self._loaded[0] != (s, g):
-            self._loaded = ((s, g), pq.ParquetFile(self.cache.shards[s]).read_row_group(g))
+            path = self.cache.shards[s]
+            try:
+                table = pq.ParquetFile(path, page_checksum_verification=True).read_row_group(g)
+            except (OSError, pa.ArrowException) as e:
+                raise MapCacheError(f"{path} is corrupt ({str(e).splitlines()[0]}); delete the cache directory "
+                                    f"to rebuild it") from None
+            self._loaded = ((s, g), table)
         return self._loaded[1]
 
     def __getitem__(self, i: int) -> dict:
