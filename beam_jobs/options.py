@@ -82,7 +82,9 @@ def worker_environment(options: PipelineOptions) -> Iterator[None]:
     saved = {var: os.environ.get(var) for var in (*BLAS_THREAD_VARS, "PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")}
     for var in BLAS_THREAD_VARS:
         os.environ.setdefault(var, "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # each worker imports TensorFlow: no INFO banner per worker
+    # The record codec is TensorFlow-free (pipeline.records), so workers do not import TensorFlow; should a user's
+    # DoFn or an installed plugin import it after all, it prints no INFO banner per worker.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(REPO_ROOT) not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
@@ -129,7 +131,7 @@ def run_job(run: Callable[[Sequence[str] | None], object], argv: Sequence[str] |
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Local workers' start-up chatter (e.g. "No semi_persistent_directory found") is relayed at WARNING.
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines on import
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines, if anything imports it
     try:
         run(argv)
     except Yt8mError as e:

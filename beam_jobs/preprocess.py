@@ -3,21 +3,30 @@
     python -m beam_jobs.preprocess --input 'raw/train/*.tfrecord' --output data/train [--pca-dims 512]
     python -m beam_jobs.preprocess --input 'raw/validate/*.tfrecord' --output data/validate \\
         --whitening data/train/whitening.npz
+    # one pipeline per invocation (template launchers): the same two passes as two jobs
+    python -m beam_jobs.preprocess --stage fit --input 'raw/train/*.tfrecord' --output data/train
+    python -m beam_jobs.preprocess --stage write --input 'raw/train/*.tfrecord' --output data/train
 
-Two passes, run as two Beam pipelines one after the other from this process:
+Two passes, run as two Beam pipelines one after the other from this process (``--stage all``, the default), or
+one of them per invocation (``--stage fit`` / ``--stage write``):
 
 * pass 1 ("fit", skipped with ``--whitening``): read -> decode -> per-feature ``MomentAccumulator`` combined
-  globally -> ``OUT/moments.npz``; this process then fits the whitening and writes ``OUT/whitening.npz``.
+  globally -> ``OUT/moments.npz``; this process then fits the whitening and writes ``OUT/whitening.npz`` and
+  ``OUT/fit_summary.json`` (the fit's part of the summary). The combine runs with ``--combine-fanout N``
+  intermediate keys (default 16): each bundle pre-combines its frames, the partial accumulators (8 MB each for rgb)
+  are merged on N keys first and only N of them on the final one, so no single worker merges one accumulator per
+  bundle of a large corpus. Chan's merge is exact up to rounding in any order or tree shape.
 * pass 2 ("write"): read -> decode -> whiten (statistics loaded once per worker in ``DoFn.setup``) -> Parquet
-  shards under ``OUT/shards/``; unusable records -> ``OUT/dead_letter/``.
+  shards under ``OUT/shards/``; unusable records -> ``OUT/dead_letter/``; per-bundle counts -> ``OUT/counts/``.
+  ``--stage write`` takes the statistics from ``--whitening FILE`` or else from ``OUT/whitening.npz`` of an earlier
+  ``--stage fit``, whose ``fit_summary.json`` it then folds into the summary.
 
 Why two pipelines rather than one with the fitted statistics as a side input: every shard's schema records the
 SHA-256 of the whitening file and the whitened dims, and Beam's ``WriteToParquet`` fixes its schema when the
 pipeline is built, so the statistics must exist before pass 2 is built. Fitting in this process also turns a fit
-that cannot be done (no valid frames) into a plain error message rather than a failed worker, and keeps the
-counters of pass 2 the only ones the summary reads. The input is decoded once per pass either way, which is
-cheaper than materializing decoded frames between the passes. On Dataflow this means two jobs for a training
-split and one for validation/test splits.
+that cannot be done (no valid frames) into a plain error message rather than a failed worker. The input is decoded
+once per pass either way, which is cheaper than materializing decoded frames between the passes. On Dataflow this
+means two jobs for a training split (``--stage fit``, then ``--stage write``) and one for validation/test splits.
 
 Reading does not use ``ReadFromTFRecord``, which fails the whole job on one corrupt record: matched files are read
 with ``pipeline.tfrecord`` (CRC32C-checked framing). Nothing is dropped silently; the invariant, checked in the
@@ -27,11 +36,21 @@ ends the readable part of its file, counts as one record too. Frames past 300 ar
 (``truncated_frames``); rated segments that start past a video's last frame are kept in the shards (the official
 segment MAP counts them) and counted (``segments_past_end``); neither is dead-lettered.
 
-Outputs: ``OUT/whitening.npz``, ``OUT/shards/part-SSSSS-of-NNNNN.parquet``, ``OUT/dead_letter/dead-00000-of-00001
-.jsonl`` (always written, empty when every record was usable; one JSON object per line: source, position = byte
-offset of the record in its file, reason, message, id when known), ``OUT/config.json`` (resolved flags, written
-first) and ``OUT/summary.json`` (counts, written last). A rerun into the same ``OUT`` first deletes ``shards/``,
-``dead_letter/`` and ``summary.json``, so old and new shards never mix.
+The summary is computed from the job's own outputs, not from Beam metrics (Dataflow reports them eventually
+consistently, other runners not at all): "written" and "written_frames" from the Parquet shards (footer row counts
+and the ``num_frames`` column), "dead_lettered" from the lines of the dead-letter file, and "read" and the other
+counts from ``OUT/counts/``, where every step writes one JSON line per bundle it processed (committed with the
+bundle like any other output, so a retried bundle counts once). The same counts also go to Beam metrics; the
+summary lists those beside, says where each number came from (``sources``) and whether the two agree. The count
+lines carry each step's own time too (``stage_seconds``: read, decode, whiten, encode; summed over workers).
+
+Outputs: ``OUT/whitening.npz``, ``OUT/fit_summary.json``, ``OUT/shards/part-SSSSS-of-NNNNN.parquet``,
+``OUT/dead_letter/dead-00000-of-00001.jsonl`` (always written, empty when every record was usable; one JSON object
+per line: source, position = byte offset of the record in its file, reason, message, id when known),
+``OUT/counts/counts-00000-of-00001.jsonl``, ``OUT/config.json`` (resolved flags of the latest run, written first;
+``fit_summary.json`` keeps those of the fit) and ``OUT/summary.json`` (counts, written last). A rerun into the same
+``OUT`` first deletes ``shards/``, ``dead_letter/``, ``counts/`` and ``summary.json`` (a fitting run also the old
+whitening and its fit summary), so old and new outputs never mix.
 """
 from __future__ import annotations
 
@@ -43,6 +62,7 @@ import os
 import posixpath
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -54,6 +74,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineState
+from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs import options as job_options
 from pipeline import shards
@@ -66,6 +87,9 @@ from pipeline.whitening import (RANK_RTOL, MomentAccumulator, WhiteningError, Wh
 METRICS_NAMESPACE = "yt8m_preprocess"  # pass 2: the counts the summary reports
 FIT_METRICS_NAMESPACE = "yt8m_preprocess_fit"  # pass 1 decodes the same records; kept apart so nothing counts twice
 DEAD_LETTER = "dead_letter"
+COUNTS = "counts"  # tag of the per-bundle count dicts (``BundleCounts``)
+STAGES = ("all", "fit", "write")
+DEFAULT_COMBINE_FANOUT = 16
 # Our own dead-letter reasons on top of RecordError's: video-level means are floats and may hold NaN or inf;
 # a whitened value may overflow float16.
 NON_FINITE = "non_finite"
@@ -122,6 +146,8 @@ class JobConfig:
         mode: "pca" or "zca".
         shrinkage: "oas" or a fixed covariance shrinkage in [0, 1] (``pipeline.whitening``).
         num_shards: Parquet files to write; 0 lets the runner choose (no extra shuffle).
+        stage: "all" (fit, then write), "fit" (pass 1 only) or "write" (pass 2 only).
+        combine_fanout: intermediate keys of the moments combine; 0 or 1: none (one key merges everything).
     """
     input: str
     output: str
@@ -134,6 +160,18 @@ class JobConfig:
     mode: str = "pca"
     num_shards: int = 0
     shrinkage: str | float = "oas"
+    stage: str = "all"
+    combine_fanout: int = DEFAULT_COMBINE_FANOUT
+
+    @property
+    def fits(self) -> bool:
+        """Whether this run fits the whitening (pass 1)."""
+        return self.stage != "write" and self.whitening is None
+
+    @property
+    def writes(self) -> bool:
+        """Whether this run writes the shards (pass 2)."""
+        return self.stage != "fit"
 
     def path(self, *parts: str) -> str:
         return _join(self.output, *parts)
@@ -201,6 +239,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--zca", action="store_true", help="ZCA whitening (rotate back to the input axes; all dims)")
     p.add_argument("--num-shards", type=int, default=0,
                    help="Parquet files to write; 0 (default) lets the runner decide, avoiding an extra shuffle")
+    p.add_argument("--stage", choices=STAGES, default="all",
+                   help="all: fit, then write (two pipelines); fit: pass 1 only, writes OUT/whitening.npz; write: "
+                        "pass 2 only, with --whitening FILE or OUT/whitening.npz of an earlier --stage fit "
+                        "(for launchers that allow one pipeline per job)")
+    p.add_argument("--combine-fanout", type=int, default=DEFAULT_COMBINE_FANOUT,
+                   help="intermediate keys of the fit's moments combine, so that no one worker merges the partial "
+                        "moments of every bundle; 0 or 1: no fanout (default %(default)s)")
     return p
 
 
@@ -212,16 +257,28 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
         raise FlagError("--zca keeps every dim (it rotates back to the input axes); drop --pca-dims")
     if args.num_shards < 0:
         raise FlagError(f"--num-shards must be >= 0, got {args.num_shards}")
+    if args.combine_fanout < 0:
+        raise FlagError(f"--combine-fanout must be >= 0, got {args.combine_fanout}")
+    if args.stage == "fit" and args.whitening is not None:
+        raise FlagError("--stage fit fits a whitening; --whitening reuses one: give one of the two")
+    output = args.output.rstrip("/") or "/"
+    whitening = args.whitening
+    if args.stage == "write" and whitening is None:
+        whitening = _join(output, "whitening.npz")
+        fs, fs_path = fsspec.core.url_to_fs(whitening)
+        if not fs.exists(fs_path):
+            raise WhiteningFileError(f"--stage write needs --whitening FILE or {whitening} from an earlier "
+                                     f"--stage fit into the same --output")
     if not args.epsilon >= 0:
         raise FlagError(f"--epsilon must be >= 0, got {args.epsilon}")
     try:
         shrinkage = parse_shrinkage(args.shrinkage)
     except WhiteningError as e:
         raise FlagError(f"--shrinkage: {e}") from None
-    return JobConfig(input=args.input, output=args.output.rstrip("/") or "/", level=args.level,
-                     features=features, pca_dims=pca_dims, whitening=args.whitening, dtype=args.dtype,
+    return JobConfig(input=args.input, output=output, level=args.level,
+                     features=features, pca_dims=pca_dims, whitening=whitening, dtype=args.dtype,
                      epsilon=args.epsilon, mode="zca" if args.zca else "pca", num_shards=args.num_shards,
-                     shrinkage=shrinkage)
+                     shrinkage=shrinkage, stage=args.stage, combine_fanout=args.combine_fanout)
 
 
 # -- file helpers (fsspec: local paths and gs:// alike) -----------------------------------------------------------
@@ -287,9 +344,43 @@ class _BlasLimit:
 
 
 # -- DoFns and transforms --------------------------------------------------------------------------------------
+class BundleCounts:
+    """What one step did in one bundle (record counts and its own seconds), emitted once from ``finish_bundle`` as a
+    ``counts`` output: ``{"step": name, key: number, ...}``.
+
+    A bundle's outputs are committed together or not at all, so these lines count every committed record exactly
+    once, also where a runner retries bundles, and they need no metrics support from the runner. Keys ending in
+    ``_seconds`` are wall-clock time inside the step (``time.perf_counter``), excluding what runs downstream of it.
+
+    Args:
+        step: the step's name in the count lines.
+    """
+
+    def __init__(self, step: str):
+        self.step = step
+        self.values: dict[str, float] = {}
+
+    def add(self, key: str, n: float = 1) -> None:
+        self.values[key] = self.values.get(key, 0) + n
+
+    def reset(self) -> None:
+        """Forget everything: called in ``start_bundle``, so a DoFn instance reused after a failed bundle does not
+        carry that bundle's counts into the next one."""
+        self.values = {}
+
+    def emit(self) -> Iterator:
+        """The ``counts`` output of ``finish_bundle`` (nothing for an empty bundle); resets the counts."""
+        if self.values:
+            out = {"step": self.step, **{k: round(v, 6) if isinstance(v, float) else v
+                                         for k, v in self.values.items()}}
+            self.values = {}
+            yield beam.pvalue.TaggedOutput(COUNTS, GlobalWindows.windowed_value(out))
+
+
 class ReadTFRecordFramingFn(beam.DoFn):
     """``fileio.ReadableFile`` -> ``(source: str, position: int, payload: bytes)`` per intact record;
-    tagged ``dead_letter``: a dict (``dead_letter``) per framing corruption (bad CRC, truncation).
+    tagged ``dead_letter``: a dict (``dead_letter``) per framing corruption (bad CRC, truncation); tagged ``counts``:
+    ``read_records`` and ``read_seconds`` per bundle (``BundleCounts``).
 
     Args:
         namespace: metrics namespace; counts ``read_records``.
@@ -300,23 +391,40 @@ class ReadTFRecordFramingFn(beam.DoFn):
 
     def setup(self):
         self.read = Metrics.counter(self.namespace, "read_records")
+        self.counts = BundleCounts("read")
+
+    def start_bundle(self):
+        self.counts.reset()
 
     def process(self, readable_file) -> Iterator:
+        clock = time.perf_counter
+        start = clock()
         source = readable_file.metadata.path
         with readable_file.open(mime_type="application/octet-stream") as f:
-            for item in iter_records(f, verify=True, on_error="yield", source=source):
+            records = iter_records(f, verify=True, on_error="yield", source=source)
+            while True:
+                item = next(records, None)  # timed apart from the downstream steps, which run inside each yield
+                self.counts.add("read_seconds", clock() - start)
+                if item is None:
+                    break
                 self.read.inc()
+                self.counts.add("read_records")
                 if isinstance(item, TFRecordCorruption):
                     yield beam.pvalue.TaggedOutput(
                         DEAD_LETTER, dead_letter(source, item.offset, item.reason, item.message))
                 else:
                     position, payload = item
                     yield source, position, payload
+                start = clock()
+
+    def finish_bundle(self):
+        yield from self.counts.emit()
 
 
 class DecodeVideoFn(beam.DoFn):
     """``(source, position, payload)`` -> ``(source, position, VideoRecord)`` with every selected feature;
-    tagged ``dead_letter``: a dict per record that fails validation (``RecordError.reason``, or ``non_finite``).
+    tagged ``dead_letter``: a dict per record that fails validation (``RecordError.reason``, or ``non_finite``);
+    tagged ``counts``: ``decoded_records``, the counts below and ``decode_seconds`` per bundle.
 
     Args:
         level: "frame" or "video".
@@ -331,9 +439,33 @@ class DecodeVideoFn(beam.DoFn):
         self.truncated_records = Metrics.counter(self.namespace, "truncated_records")
         self.truncated_frames = Metrics.counter(self.namespace, "truncated_frames")
         self.segments_past_end = Metrics.counter(self.namespace, "segments_past_end")
+        self.counts = BundleCounts("decode")
+
+    def start_bundle(self):
+        self.counts.reset()
 
     def process(self, element) -> Iterator:
+        start = time.perf_counter()
         source, position, payload = element
+        bad = self._decode(payload)
+        self.counts.add("decode_seconds", time.perf_counter() - start)
+        if not isinstance(bad, VideoRecord):
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(source, position, *bad))
+            return
+        record = bad
+        self.counts.add("decoded_records")
+        if record.truncated_frames:
+            self.truncated_records.inc()
+            self.truncated_frames.inc(record.truncated_frames)
+            self.counts.add("truncated_records")
+            self.counts.add("truncated_frames", record.truncated_frames)
+        if record.segments_past_end:  # kept in the row; counted for the summary
+            self.segments_past_end.inc(record.segments_past_end)
+            self.counts.add("segments_past_end", record.segments_past_end)
+        yield source, position, record
+
+    def _decode(self, payload: bytes) -> VideoRecord | tuple:
+        """The record, or (reason, message, id) of why it is unusable."""
         try:
             record = decode_record(payload, level=self.level)
             for name in self.features:
@@ -341,24 +473,19 @@ class DecodeVideoFn(beam.DoFn):
                 if value is None:
                     raise RecordError("missing_feature", f"record has no {name!r} feature", record.id)
                 if value.dtype != np.uint8 and not np.isfinite(value).all():
-                    yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(
-                        source, position, NON_FINITE, f"{name!r} holds NaN or infinite values", record.id))
-                    return
+                    return NON_FINITE, f"{name!r} holds NaN or infinite values", record.id
         except RecordError as e:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(source, position, e.reason, e.message,
-                                                                    e.video_id))
-            return
-        if record.truncated_frames:
-            self.truncated_records.inc()
-            self.truncated_frames.inc(record.truncated_frames)
-        if record.segments_past_end:  # kept in the row; counted for the summary
-            self.segments_past_end.inc(record.segments_past_end)
-        yield source, position, record
+            return e.reason, e.message, e.video_id
+        return record
+
+    def finish_bundle(self):
+        yield from self.counts.emit()
 
 
 class ReadVideoRecords(beam.PTransform):
-    """PBegin -> ``(videos, dead_letters)`` from TFRecord files: ``videos`` holds ``(source, position,
-    VideoRecord)``, ``dead_letters`` the dicts of ``dead_letter``.
+    """PBegin -> ``(videos, dead_letters, counts)`` from TFRecord files: ``videos`` holds ``(source, position,
+    VideoRecord)``, ``dead_letters`` the dicts of ``dead_letter``, ``counts`` the per-bundle dicts of the read and
+    decode steps (``BundleCounts``).
 
     Args:
         paths: the files to read (already matched, see ``match_input``).
@@ -380,11 +507,13 @@ class ReadVideoRecords(beam.PTransform):
                  | "SpreadFiles" >> beam.Reshuffle()
                  | "OpenFiles" >> fileio.ReadMatches())
         framed = files | "ReadFraming" >> beam.ParDo(ReadTFRecordFramingFn(self.namespace)).with_outputs(
-            DEAD_LETTER, main="records")
+            DEAD_LETTER, COUNTS, main="records")
         decoded = framed.records | "Decode" >> beam.ParDo(
-            DecodeVideoFn(self.level, self.features, self.namespace)).with_outputs(DEAD_LETTER, main="videos")
+            DecodeVideoFn(self.level, self.features, self.namespace)).with_outputs(DEAD_LETTER, COUNTS,
+                                                                                   main="videos")
         dead = (framed[DEAD_LETTER], decoded[DEAD_LETTER]) | "MergeDeadLetters" >> beam.Flatten()
-        return decoded.videos, dead
+        counts = (framed[COUNTS], decoded[COUNTS]) | "MergeCounts" >> beam.Flatten()
+        return decoded.videos, dead, counts
 
 
 class FeatureMoments:
@@ -514,7 +643,9 @@ def load_moments(path: str, features: Sequence[str]) -> dict:
 class WhitenVideoFn(beam.DoFn):
     """``(source, position, VideoRecord)`` -> Parquet row dict (``pipeline.shards.record_to_row``) with whitened
     features; tagged ``dead_letter``: a dict (reason ``not_storable``) when a whitened value overflows the storage
-    dtype (float16 ends at 65504).
+    dtype (float16 ends at 65504); tagged ``counts``: ``written_records``, ``written_frames``,
+    ``unwritten_segment_records``, ``whiten_seconds`` (centering and projection) and ``encode_seconds`` (the row:
+    storage dtype, finiteness check, bytes) per bundle.
 
     The statistics are read from ``whitening_path`` once per DoFn instance (``setup``), not shipped inside the
     pipeline graph: a 1024-d whitening is 8 MB per feature.
@@ -543,28 +674,41 @@ class WhitenVideoFn(beam.DoFn):
         self.written = Metrics.counter(self.namespace, "written_records")
         self.written_frames = Metrics.counter(self.namespace, "written_frames")
         self.unwritten_segments = Metrics.counter(self.namespace, "unwritten_segment_records")
+        self.counts = BundleCounts("whiten")
 
     def start_bundle(self):
+        self.counts.reset()
         self.blas.enter()
 
     def finish_bundle(self):
         self.blas.exit()
+        yield from self.counts.emit()
 
     def process(self, element) -> Iterator:
+        clock = time.perf_counter
+        start = clock()
         source, position, record = element
         whitened = {}
         for name, (mean, projection) in self.affine.items():
             whitened[name] = (record.features(name) - mean) @ projection  # (T, D) -> (T, dims)
+        encode = clock()
+        self.counts.add("whiten_seconds", encode - start)
         try:
-            row = shards.record_to_row(record, whitened, self.dtype, has_segments=self.has_segments)
+            row, error = shards.record_to_row(record, whitened, self.dtype, has_segments=self.has_segments), None
         except shards.ShardSchemaError as e:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(source, position, NOT_STORABLE, str(e),
+            row, error = None, e
+        self.counts.add("encode_seconds", clock() - encode)
+        if error is not None:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(source, position, NOT_STORABLE, str(error),
                                                                     record.id))
             return
         if record.has_segments and not self.has_segments:
             self.unwritten_segments.inc()
+            self.counts.add("unwritten_segment_records")
         self.written.inc()
         self.written_frames.inc(record.num_frames)
+        self.counts.add("written_records")
+        self.counts.add("written_frames", record.num_frames)
         yield row
 
 
@@ -621,35 +765,78 @@ class WriteShards(beam.PTransform):
             row_group_buffer_size=ROW_GROUP_BYTES, record_batch_size=ROW_BATCH)
 
 
+def _json_line(value: dict) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+class WriteCounts(beam.PTransform):
+    """PCollection[count dict] -> ``DIR/counts/counts-00000-of-00001.jsonl``, one line per step and bundle
+    (``BundleCounts``); written even when empty.
+
+    Args:
+        directory: the ``counts`` directory.
+    """
+
+    def __init__(self, directory: str):
+        super().__init__()
+        self.directory = directory
+
+    def expand(self, counts):
+        return (counts
+                | "ToJson" >> beam.Map(_json_line)
+                | "WriteJsonl" >> beam.io.WriteToText(_join(self.directory, "counts"), file_name_suffix=".jsonl",
+                                                      num_shards=1, shard_name_template="-SSSSS-of-NNNNN"))
+
+
+def moments_combine(cfg: JobConfig, blas_threads: int | None = 1) -> beam.PTransform:
+    """The global moments combine of pass 1, with ``cfg.combine_fanout`` intermediate keys when above 1.
+
+    Each bundle pre-combines its own records (combiner lifting); with a fanout each bundle's partial accumulator
+    goes to one of N keys (chosen per bundle), the N key results are merged on the final key. Without it the final
+    key merges one accumulator per bundle, which on a large corpus is one worker doing thousands of 1024x1024
+    float64 merges while the others wait."""
+    combine = beam.CombineGlobally(MomentsCombineFn(cfg.features, blas_threads=blas_threads))
+    return combine.with_fanout(cfg.combine_fanout) if cfg.combine_fanout > 1 else combine
+
+
 def build_fit_pipeline(p: beam.Pipeline, cfg: JobConfig, paths: Sequence[str], moments_path: str,
                        blas_threads: int | None = 1) -> None:
     """Pass 1: TFRecords -> per-feature moments -> ``moments_path``. Unusable records are only counted here
     (pass 2 writes them to the dead letter), so a failed fit can say why."""
-    videos, unusable = p | "ReadVideos" >> ReadVideoRecords(paths, cfg.level, cfg.features, FIT_METRICS_NAMESPACE)
+    videos, unusable, _ = p | "ReadVideos" >> ReadVideoRecords(paths, cfg.level, cfg.features,
+                                                               FIT_METRICS_NAMESPACE)
     _ = unusable | "CountUnusable" >> beam.ParDo(FormatDeadLetterFn(FIT_METRICS_NAMESPACE))
     _ = (videos
-         | "FeatureMoments" >> beam.CombineGlobally(
-             MomentsCombineFn(cfg.features, blas_threads=blas_threads))
+         | "FeatureMoments" >> moments_combine(cfg, blas_threads)
          | "SaveMoments" >> beam.Map(save_moments, moments_path))
 
 
 def build_write_pipeline(p: beam.Pipeline, cfg: JobConfig, paths: Sequence[str], whitening_path: str, schema,
                          has_segments: bool, blas_threads: int | None = 1) -> None:
-    """Pass 2: TFRecords -> whitened Parquet shards + dead letters."""
-    videos, unreadable = p | "ReadVideos" >> ReadVideoRecords(paths, cfg.level, cfg.features)
+    """Pass 2: TFRecords -> whitened Parquet shards + dead letters + per-bundle counts."""
+    videos, unreadable, read_counts = p | "ReadVideos" >> ReadVideoRecords(paths, cfg.level, cfg.features)
     whitened = videos | "Whiten" >> beam.ParDo(WhitenVideoFn(
         whitening_path, cfg.features, cfg.dtype, has_segments, blas_threads=blas_threads)).with_outputs(
-        DEAD_LETTER, main="rows")
+        DEAD_LETTER, COUNTS, main="rows")
     _ = whitened.rows | "WriteShards" >> WriteShards(cfg.path("shards"), schema, cfg.num_shards)
     _ = ((unreadable, whitened[DEAD_LETTER])
          | "AllDeadLetters" >> beam.Flatten()
          | "WriteDeadLetters" >> WriteDeadLetters(cfg.path("dead_letter")))
+    _ = ((read_counts, whitened[COUNTS])
+         | "AllCounts" >> beam.Flatten()
+         | "WriteCounts" >> WriteCounts(cfg.path("counts")))
 
 
 # -- launcher --------------------------------------------------------------------------------------------------
-def counter_values(result, namespace: str) -> dict[str, int]:
-    """Counters of ``namespace`` summed over steps; committed values where the runner reports them."""
-    query = result.metrics().query(MetricsFilter().with_namespace(namespace))
+def counter_values(result, namespace: str) -> dict[str, int] | None:
+    """Counters of ``namespace`` summed over steps (committed values where the runner reports them), or None when
+    the runner reports no metrics."""
+    try:
+        query = result.metrics().query(MetricsFilter().with_namespace(namespace))
+    except Exception as e:  # NotImplementedError, or a runner's own failure: the summary does not depend on it
+        _LOGGER.warning("the runner reports no metrics (%s: %s); the summary uses the job's outputs only",
+                        type(e).__name__, e)
+        return None
     out: dict[str, int] = {}
     for c in query["counters"]:
         value = c.committed if c.committed is not None else c.attempted
@@ -709,33 +896,40 @@ def detect_segments(paths: Sequence[str], level: str, max_files: int = 4, max_re
 
 
 def prepare_output(cfg: JobConfig) -> None:
-    """Remove what a previous run left that this run rewrites (shards, dead letters, summary)."""
+    """Remove what a previous run left that this run rewrites or makes stale: the pass-2 outputs always (a new
+    whitening invalidates old shards too), the whitening and its fit summary when this run fits."""
     fs, root = fsspec.core.url_to_fs(cfg.output)
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if "file" in protocols:  # object stores have no directories (and gcsfs would try to create a bucket)
         fs.makedirs(root, exist_ok=True)
-    for part in ("summary.json", "shards", "dead_letter", "moments.npz"):
+    parts = ["summary.json", "shards", "dead_letter", "counts", "moments.npz"]
+    if cfg.fits:
+        parts += ["whitening.npz", "fit_summary.json"]
+    for part in parts:
         _remove(cfg.path(part))
 
 
 def fit_pass(cfg: JobConfig, paths: Sequence[str], opts: PipelineOptions,
-             new_pipeline: Callable[[PipelineOptions], beam.Pipeline]) -> dict:
-    """Run pass 1, fit and save ``OUT/whitening.npz``; returns fit facts for the summary."""
+             new_pipeline: Callable[[PipelineOptions], beam.Pipeline]) -> tuple[dict, dict | None]:
+    """Run pass 1, fit and save ``OUT/whitening.npz``; returns (fit facts for the summary, pass-1 metrics or None
+    when the runner reports none)."""
     whitening_path, moments_path = cfg.path("whitening.npz"), cfg.path("moments.npz")
-    _remove(whitening_path)
     p = new_pipeline(opts)
     build_fit_pipeline(p, cfg, paths, moments_path)
     result = _run_and_wait(p, "pass 1 (fit)")
-    counts = counter_values(result, FIT_METRICS_NAMESPACE)
+    metrics = counter_values(result, FIT_METRICS_NAMESPACE)
     moments = load_moments(moments_path, cfg.features)
     _remove(moments_path)
-    frames = {name: acc.count for name, acc in moments.items()}
+    frames = {name: acc.count for name, acc in moments.items()}  # from the combine's output, not from metrics
     if min(frames.values()) < 2:
-        prefix = "dead_lettered_"
-        why = ", ".join(f"{k[len(prefix):]} {v}" for k, v in sorted(counts.items()) if k.startswith(prefix))
-        raise FitError(f"pass 1 found {min(frames.values())} usable frames in {counts.get('read_records', 0)} "
-                       f"records of {len(paths)} files (unusable: {why or 'none'}); a whitening needs at least 2 "
-                       f"frames; check --input and --level")
+        if metrics is None:
+            found = "(the runner reports no metrics to say why)"
+        else:
+            prefix = "dead_lettered_"
+            why = ", ".join(f"{k[len(prefix):]} {v}" for k, v in sorted(metrics.items()) if k.startswith(prefix))
+            found = f"in {metrics.get('read_records', 0)} records (unusable: {why or 'none'})"
+        raise FitError(f"pass 1 found {min(frames.values())} usable frames {found} of {len(paths)} files; a "
+                       f"whitening needs at least 2 frames; check --input and --level")
     blas = _BlasLimit(1)  # a 1024-d eigh gains little from threads and loses badly on a busy machine
     blas.enter()
     try:
@@ -750,8 +944,9 @@ def fit_pass(cfg: JobConfig, paths: Sequence[str], opts: PipelineOptions,
     # printed with the job summary (format_summary), not logged as well
     warnings = [f"{name}: kept {k['kept']} of {k['requested']} components ({k['why']})"
                 for name, k in kept.items() if k["kept"] < k["requested"]]
-    return {"fitted": True, "frames": frames, "warnings": warnings, "components": kept,
-            "explained_variance": {name: float(ws[name].explained_variance_ratio.sum()) for name in ws.names}}
+    fit = {"fitted": True, "frames": frames, "warnings": warnings, "components": kept,
+           "explained_variance": {name: float(ws[name].explained_variance_ratio.sum()) for name in ws.names}}
+    return fit, metrics
 
 
 def components_kept(ws: WhiteningSet) -> dict:
@@ -783,27 +978,107 @@ def reuse_whitening(cfg: JobConfig) -> dict:
     return {"fitted": False, "source": cfg.whitening}
 
 
-def summarize(cfg: JobConfig, counts: dict[str, int], paths: Sequence[str], fit: dict, sha: str,
-              whitening: WhiteningSet, has_segments: bool, seconds: dict) -> dict:
-    """The run's summary: what was read, written and dead-lettered, and why."""
-    prefix = "dead_lettered_"
-    dead = {k[len(prefix):]: v for k, v in sorted(counts.items()) if k.startswith(prefix)}
-    read, written = counts.get("read_records", 0), counts.get("written_records", 0)
+def whitening_facts(cfg: JobConfig, whitening: WhiteningSet, sha: str, fit: dict) -> dict:
+    """The summary's ``whitening`` entry: the file's identity and settings plus the fit facts (``fit_pass``)."""
+    return {"sha256": sha, "feature_dims": whitening.feature_dims,
+            "mode": {name: whitening[name].mode for name in cfg.features},
+            "epsilon": {name: whitening[name].epsilon for name in cfg.features}, **fit}
+
+
+def _read_json(path: str) -> dict | None:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(fs_path):
+        return None
+    with fs.open(fs_path, "r") as f:
+        return json.load(f)
+
+
+def _glob(directory: str, pattern: str) -> tuple[object, list[str]]:
+    fs, root = fsspec.core.url_to_fs(directory)
+    return fs, sorted(fs.glob(posixpath.join(root, pattern)))
+
+
+def output_counts(cfg: JobConfig) -> dict:
+    """Counts read back from pass 2's outputs: rows in the Parquet footers and frames in their ``num_frames``
+    column, dead-letter lines by reason, and the per-bundle count lines summed (``BundleCounts``)."""
+    import pyarrow.parquet as pq
+
+    fs, paths = _glob(cfg.path("shards"), "*.parquet")
+    written = frames = 0
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            written += pf.metadata.num_rows
+            if pf.metadata.num_rows:
+                frames += int(pf.read(columns=["num_frames"]).column(0).to_numpy().sum())
+    dead: Counter = Counter()
+    fs, paths = _glob(cfg.path("dead_letter"), "*.jsonl")
+    for path in paths:
+        with fs.open(path, "r") as f:
+            dead.update(json.loads(line)["reason"] for line in f if line.strip())
+    counted: dict[str, float] = {}
+    lines = 0
+    fs, paths = _glob(cfg.path("counts"), "*.jsonl")
+    for path in paths:
+        with fs.open(path, "r") as f:
+            for line in f:
+                if line.strip():
+                    lines += 1
+                    for key, value in json.loads(line).items():
+                        if key != "step":
+                            counted[key] = counted.get(key, 0) + value
+    return {"written": written, "written_frames": frames, "dead_lettered": dict(sorted(dead.items())),
+            "counted": counted, "count_lines": lines}
+
+
+# Where each number of the summary comes from (summary["sources"]).
+SOURCES = {
+    "read": "counts/*.jsonl: read_records of the read step, one line per bundle, summed",
+    "written": "shards/*.parquet: row counts in the Parquet footers",
+    "written_frames": "shards/*.parquet: sum of the num_frames column",
+    "dead_lettered": "dead_letter/*.jsonl: lines by reason",
+    "truncated_records, truncated_frames, segments_past_end": "counts/*.jsonl: the decode step's lines, summed",
+    "unwritten_segment_records": "counts/*.jsonl: the whiten step's lines, summed",
+    "stage_seconds": "counts/*.jsonl: each step's own wall-clock seconds, summed over bundles and workers",
+    "whitening": "fit_summary.json of the fit (frames: the count in the moments the combine wrote)",
+    "metrics": "Beam metrics counters as the runner reported them (committed, else attempted); null when it "
+               "reports none; compared in metrics_agree, not used for the numbers above",
+}
+# Steps whose own time the count lines carry, in pipeline order; the Parquet write is Beam's and is not timed.
+TIMED_STEPS = ("read", "decode", "whiten", "encode")
+_COUNTED = ("truncated_records", "truncated_frames", "segments_past_end", "unwritten_segment_records")
+
+
+def summarize(cfg: JobConfig, outputs: dict, metrics: dict | None, paths: Sequence[str], whitening: dict,
+              has_segments: bool, seconds: dict) -> dict:
+    """The run's summary: what was read, written and dead-lettered, and why, from ``output_counts``."""
+    counted = outputs["counted"]
+    dead = outputs["dead_lettered"]
+    read, written = int(counted.get("read_records", 0)), outputs["written"]
     summary = {
-        "input": cfg.input, "output": cfg.output, "files": len(paths),
+        "stage": cfg.stage, "input": cfg.input, "output": cfg.output, "files": len(paths),
         "read": read, "written": written, "dead_lettered": dead, "dead_lettered_total": sum(dead.values()),
         "invariant_holds": read == written + sum(dead.values()),
-        "written_frames": counts.get("written_frames", 0),
-        "truncated_records": counts.get("truncated_records", 0),
-        "truncated_frames": counts.get("truncated_frames", 0),
-        "segments_past_end": counts.get("segments_past_end", 0),
-        "unwritten_segment_records": counts.get("unwritten_segment_records", 0),
+        "written_frames": outputs["written_frames"],
+        **{key: int(counted.get(key, 0)) for key in _COUNTED},
+        # the shards hold every row the whiten step handed to the writer
+        "shards_complete": (int(counted.get("written_records", 0)), int(counted.get("written_frames", 0)))
+                           == (written, outputs["written_frames"]),
         "has_segments": has_segments,
-        "whitening": {"sha256": sha, "feature_dims": whitening.feature_dims,
-                      "mode": {name: whitening[name].mode for name in cfg.features},
-                      "epsilon": {name: whitening[name].epsilon for name in cfg.features}, **fit},
+        "whitening": whitening,
+        "stage_seconds": {step: round(float(counted.get(f"{step}_seconds", 0.0)), 3) for step in TIMED_STEPS},
         "seconds": seconds,
+        "metrics": metrics,
+        "metrics_agree": None,
+        "sources": SOURCES,
     }
+    if metrics is not None:
+        expected = {"read_records": read, "written_records": written, "written_frames": summary["written_frames"],
+                    **{key: summary[key] for key in _COUNTED},
+                    **{f"dead_lettered_{reason}": n for reason, n in dead.items()}}
+        reported = {k: v for k, v in metrics.items() if v or k in expected}
+        summary["metrics_agree"] = all(reported.get(k, 0) == v for k, v in expected.items()) and all(
+            k in expected for k in reported)
     return summary
 
 
@@ -823,12 +1098,24 @@ def format_summary(s: dict) -> str:
                      f"written (the first records had none, so the shards have no segment columns)")
     if not s["invariant_holds"]:
         lines.append("  WARNING: read != written + dead-lettered; some records are unaccounted for")
+    if not s["shards_complete"]:
+        lines.append("  WARNING: the shards hold fewer or more rows than the whiten step counted")
+    if s["metrics_agree"] is False:
+        lines.append("  NOTE: the runner's metrics differ from the counts of the outputs (summary.json has both)")
     return "\n".join(lines)
+
+
+def format_fit_summary(s: dict) -> str:
+    w = s["whitening"]
+    lines = [f"preprocess --stage fit: {s['files']} files -> {s['output']}/whitening.npz",
+             f"  frames {w['frames']}, whitening {w['sha256'][:12]} dims {w['feature_dims']}"]
+    return "\n".join(lines + [f"  NOTE: {note}" for note in w.get("warnings", [])])
 
 
 def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
         test_pipeline: Callable[[PipelineOptions], beam.Pipeline] | None = None) -> dict:
-    """Run the job; returns the summary (also written to ``OUT/summary.json``).
+    """Run the job; returns the summary (also written to ``OUT/summary.json``), or with ``--stage fit`` the fit
+    summary (``OUT/fit_summary.json``).
 
     Args:
         argv: our flags and Beam options; default ``sys.argv[1:]``.
@@ -849,12 +1136,32 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
     _write_text(cfg.path("config.json"), json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
 
     seconds = {}
-    start = time.perf_counter()
-    fit = reuse_whitening(cfg) if cfg.whitening is not None else fit_pass(cfg, paths, opts, new_pipeline)
-    seconds["fit"] = round(time.perf_counter() - start, 3)
     whitening_path = cfg.path("whitening.npz")
-    whitening = load_whitening_for(whitening_path, cfg)
-    sha = file_sha256(whitening_path)
+    if cfg.fits:
+        start = time.perf_counter()
+        fit, fit_metrics = fit_pass(cfg, paths, opts, new_pipeline)
+        seconds["fit"] = round(time.perf_counter() - start, 3)
+        whitening = load_whitening_for(whitening_path, cfg)
+        sha = file_sha256(whitening_path)
+        facts = whitening_facts(cfg, whitening, sha, fit)
+        fit_summary = {"stage": "fit", "input": cfg.input, "output": cfg.output, "files": len(paths),
+                       "whitening": facts, "seconds": {"fit": seconds["fit"]}, "metrics": fit_metrics,
+                       "config": config, "sources": {"whitening": SOURCES["whitening"],
+                                                     "metrics": SOURCES["metrics"]}}
+        _write_text(cfg.path("fit_summary.json"), json.dumps(fit_summary, indent=1, sort_keys=True,
+                                                             default=str) + "\n")
+        if not cfg.writes:
+            print(format_fit_summary(fit_summary))
+            return json.loads(json.dumps(fit_summary, sort_keys=True, default=str))
+    else:
+        reused = reuse_whitening(cfg)
+        whitening = load_whitening_for(whitening_path, cfg)
+        sha = file_sha256(whitening_path)
+        earlier = _read_json(cfg.path("fit_summary.json"))  # a --stage fit into this OUT fitted these statistics
+        if earlier is not None and earlier.get("whitening", {}).get("sha256") == sha:
+            facts = earlier["whitening"]
+        else:
+            facts = whitening_facts(cfg, whitening, sha, reused)
     has_segments = detect_segments(paths, cfg.level)
     schema = shards.shard_schema({name: whitening[name].output_dim for name in cfg.features}, dtype=cfg.dtype,
                                  has_segments=has_segments, level=cfg.level, whitening_sha256=sha)
@@ -864,11 +1171,12 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
     build_write_pipeline(p, cfg, paths, whitening_path, schema, has_segments)
     result = _run_and_wait(p, "pass 2 (write)")
     seconds["write"] = round(time.perf_counter() - start, 3)
-    summary = summarize(cfg, counter_values(result, METRICS_NAMESPACE), paths, fit, sha, whitening,
+    summary = summarize(cfg, output_counts(cfg), counter_values(result, METRICS_NAMESPACE), paths, facts,
                         has_segments, seconds)
-    _write_text(cfg.path("summary.json"), json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(summary, indent=1, sort_keys=True) + "\n"
+    _write_text(cfg.path("summary.json"), text)
     print(format_summary(summary))
-    return summary
+    return json.loads(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,23 +1,38 @@
-"""Throughput of beam_jobs.preprocess against a plain tf.data reader, fit memory, Parquet vs TFRecord reads.
+"""Throughput of beam_jobs.preprocess: against a tf.data reader, against its compute bound, 1 vs 2 local workers.
 
-    .venv/bin/python bench/preprocess.py                  # 400 generated videos (~60k frames), 1 and 2 workers
-    .venv/bin/python bench/preprocess.py --videos 200 --workers 1
+    .venv/bin/python bench/preprocess.py                  # 3000 generated videos (~450k frames), 1 and 2 workers
+    .venv/bin/python bench/preprocess.py --videos 300 --workers 1 --skip-memory-and-reads
 
-Everything runs on the same generated frame-level TFRecords, in one invocation, and prints markdown tables:
+Everything runs on the same generated frame-level TFRecords (rgb only, whitened to all 1024 dims, float16 shards),
+in one invocation, and prints markdown tables:
 
-1. Beam job frames/s per local worker count, each job a fresh ``python -m beam_jobs.preprocess`` process (so
-   interpreter, Beam and TensorFlow start-up count, as for a user): the whole job (fit + write) and its write pass
-   alone (read, decode, whiten, write Parquet); against the baseline: TFRecordDataset + parse_single_sequence_example
-   + decode_raw in a parallel tf.data map, then the same float32 whitening in numpy with the job's fitted statistics
-   (no Parquet written). Ratio = Beam write pass / baseline. "Fixed cost" is the same job on a 2-video input:
-   process, pipeline and worker start-up (each worker process imports TensorFlow for the record protos); the
-   "net" column divides the frames by the job's time minus that cost, which is noisy when the two are close.
-2. Peak memory of the fit path (read framing -> decode -> MomentsCombineFn -> fit), each size in a fresh
-   subprocess: tracemalloc peak of Python/numpy allocations after start-up, and max RSS. It must not grow with the
-   number of videos: the accumulator is O(D^2) and frames are added in fixed-size batches.
-3. Read throughput into float32 numpy: the Parquet shards (``pipeline.shards.iter_videos``) vs the TFRecords
+1. Beam job frames/s per local worker count. Each job is two fresh processes, ``python -m beam_jobs.preprocess
+   --stage fit`` then ``--stage write`` (as a launcher that allows one pipeline per job runs it; interpreter and
+   Beam start-up count, as for a user; workers no longer import TensorFlow, the record codec is
+   ``pipeline.records``); the whole job is the two together. The write pass (read, decode, whiten, write Parquet),
+   as the job's summary times it, is set against the baseline: TFRecordDataset + parse_single_sequence_example +
+   decode_raw in a parallel tf.data map (its threads may use every core), then the same float32 whitening in numpy
+   with the job's fitted statistics (no Parquet written). Also per CPU second: the write process's CPU time with
+   its worker processes against the baseline's CPU time over all its threads. "Fixed cost" is a whole job
+   (``--stage all``) on a 2-video input: process, pipeline and worker start-up.
+2. The compute bound: the whitening matmul alone, ``x @ projection`` per video in float32 with one BLAS thread, on
+   the same frames (decoded beforehand, not timed); the write pass's frames/s per worker as a fraction of it. Where
+   the rest of a worker's time goes, two ways: (a) the job's own per-step timers (``stage_seconds`` of its
+   summary: read, decode, whiten, encode, summed over workers and divided by the worker count here; the rest of the
+   pass is Beam's Parquet write, the runner and start-up); (b) the same steps run outside Beam, one process, on the
+   same records: read (TFRecord framing + CRC), decode (protobuf -> uint8), dequantize, center, matmul, encode
+   (float16 + finiteness check + bytes) and write (Beam's own rows -> Arrow conversion, then Parquet, snappy).
+3. Scaling: 2 workers against 1 for the fit pass, the write pass and the whole job, with the CPU share each job got
+   (CPU seconds / wall seconds) and the load average: on a machine whose cores are taken by other work the second
+   worker finds no free core, and each local pipeline starts its worker processes afresh (seconds each).
+4. Peak memory of the fit path (read framing -> decode -> MomentsCombineFn -> fit), each size in a fresh
+   subprocess: tracemalloc peak of Python/numpy allocations after start-up, and peak RSS (VmHWM of the child
+   itself; ``ru_maxrss`` would carry over the parent's). It must not grow with the number of videos: the
+   accumulator is O(D^2) and frames are added in fixed-size batches.
+5. Read throughput into float32 numpy: the Parquet shards (``pipeline.shards.iter_videos``) vs the TFRecords
    (tf.data parse + dequantize, and this project's pure-Python framing + codec reader).
-BLAS runs one thread per process throughout, as in the Beam workers.
+BLAS runs one thread per process throughout, as in the Beam workers. Times are wall-clock unless a column says CPU;
+on a shared machine compare the CPU columns and the load average printed with them.
 """
 from __future__ import annotations
 
@@ -41,30 +56,42 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+OUTSIDE_STEPS = ("read", "decode", "dequantize", "center", "matmul", "encode", "write")
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--videos", type=int, default=400, help="videos to generate")
-    p.add_argument("--shards", type=int, default=4, help="TFRecord files to generate")
+    p.add_argument("--videos", type=int, default=3000,
+                   help="videos to generate (default 3000, ~450k frames: about 8 minutes on a busy 2-core machine)")
+    p.add_argument("--shards", type=int, default=16, help="TFRecord files to generate (the unit of parallelism)")
     p.add_argument("--min-frames", type=int, default=30)
     p.add_argument("--max-frames", type=int, default=270, help="mean length (min + max) / 2 = 150 frames")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", default="1,2", help="comma-separated local Beam worker counts")
     p.add_argument("--features", default="rgb")
+    p.add_argument("--skip-memory-and-reads", action="store_true", help="leave out tables 4 and 5")
     p.add_argument("--work", default=None, help="working directory (default: a temporary one, removed after)")
     p.add_argument("--fit-memory", nargs="+", default=None, help=argparse.SUPPRESS)  # internal: child mode
     return p
 
 
-def _run_job(raw: str, out: str, workers: int, extra: list[str]) -> tuple[float, dict]:
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _run_job(raw: str, out: str, workers: int, extra: list[str]) -> dict:
+    """One ``python -m beam_jobs.preprocess`` process: its wall time, CPU time (the process and its waited-for
+    children, which include the local worker processes) and summary (``summary.json``, or ``fit_summary.json``)."""
     cmd = [sys.executable, "-m", "beam_jobs.preprocess", "--input", f"{raw}/*.tfrecord", "--output", out,
            "--direct_num_workers", str(workers), *extra]
-    start = time.perf_counter()
+    cpu, start = _children_cpu(), time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"preprocess failed:\n{done.stderr[-3000:]}")
-    return wall, json.loads(Path(out, "summary.json").read_text())
+    name = "fit_summary.json" if "fit" in extra else "summary.json"
+    return {"wall": wall, "cpu": cpu, "summary": json.loads(Path(out, name).read_text())}
 
 
 def _tf_frames(files: list[str]):
@@ -83,18 +110,88 @@ def _tf_frames(files: list[str]):
         yield x
 
 
-def tfdata_baseline(files: list[str], whitening_path: str) -> tuple[int, float]:
-    """(frames, seconds) of tf.data parsing plus numpy whitening with the given statistics."""
+def tfdata_baseline(files: list[str], whitening_path: str) -> tuple[int, float, float]:
+    """(frames, seconds, CPU seconds of every thread) of tf.data parsing plus numpy whitening with the given
+    statistics."""
     from pipeline.whitening import WhiteningSet
 
     w = WhiteningSet.load(whitening_path)["rgb"]
     mean, proj = w.mean.astype(np.float32), w.projection.astype(np.float32)
     next(_tf_frames(files[:1]))  # TensorFlow warm-up outside the timing
-    frames, start = 0, time.perf_counter()
+    frames, start, cpu = 0, time.perf_counter(), time.process_time()
     for x in _tf_frames(files):
         y = (x - mean) @ proj  # (T, dims)
         frames += y.shape[0]
-    return frames, time.perf_counter() - start
+    return frames, time.perf_counter() - start, time.process_time() - cpu
+
+
+def outside_beam_steps(files: list[str], whitening_path: str, out_path: str) -> dict:
+    """The write pass's steps run one after another in this process on the same records, each timed alone, with
+    the job's own code (``pipeline.tfrecord``, ``pipeline.records``, ``shards.record_to_row``, Beam's rows -> Arrow
+    conversion with the job's batch sizes, ``pyarrow.parquet.ParquetWriter``), and the compute bound: per file, the
+    videos' float32 frames decoded first (not timed), then ``x @ projection`` for each video timed alone.
+
+    Returns {"frames", "dims", "seconds": {step: s}, "matmul_alone": s, "matmul_alone_cpu": s}."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.parquetio import _RowDictionariesToArrowTable
+    from apache_beam.transforms.window import GlobalWindow
+
+    from beam_jobs.preprocess import ROW_BATCH, ROW_GROUP_BYTES
+    from pipeline import shards
+    from pipeline.records import decode_record
+    from pipeline.tfrecord import iter_records
+    from pipeline.whitening import WhiteningSet
+
+    w = WhiteningSet.load(whitening_path)["rgb"]
+    mean, proj = w.mean.astype(np.float32), w.projection.astype(np.float32)
+    schema = shards.shard_schema({"rgb": w.output_dim}, dtype="float16", has_segments=False, level="frame",
+                                 whitening_sha256="0" * 64)
+    to_table = _RowDictionariesToArrowTable(schema, ROW_GROUP_BYTES, ROW_BATCH)
+    writer = pq.ParquetWriter(out_path, schema, compression=shards.DEFAULT_COMPRESSION)
+    seconds = dict.fromkeys(OUTSIDE_STEPS, 0.0)
+    clock = time.perf_counter
+    frames, matmul_alone, matmul_cpu = 0, 0.0, 0.0
+    for path in files:
+        decoded = []
+        with open(path, "rb") as f:
+            records = iter_records(f, verify=True, on_error="yield", source=path)
+            while True:
+                marks = [clock()]
+                item = next(records, None)
+                marks.append(clock())
+                if item is None:
+                    seconds["read"] += marks[1] - marks[0]
+                    break
+                record = decode_record(item[1], level="frame")
+                marks.append(clock())
+                x = record.features("rgb")
+                marks.append(clock())
+                centered = x - mean
+                marks.append(clock())
+                white = centered @ proj
+                marks.append(clock())
+                row = shards.record_to_row(record, {"rgb": white}, "float16", has_segments=False)
+                marks.append(clock())
+                for table in to_table.process(row, w=GlobalWindow()):
+                    writer.write_table(table)
+                marks.append(clock())
+                for step, a, b in zip(OUTSIDE_STEPS, marks, marks[1:]):
+                    seconds[step] += b - a
+                frames += x.shape[0]
+                decoded.append(x)
+        cpu = time.process_time()
+        for x in decoded:  # the compute bound: the matmul alone, nothing else between two of them
+            a = clock()
+            x @ proj
+            matmul_alone += clock() - a
+        matmul_cpu += time.process_time() - cpu
+    a = clock()
+    for windowed in to_table.finish_bundle():
+        writer.write_table(windowed.value)
+    writer.close()
+    seconds["write"] += clock() - a
+    return {"frames": frames, "dims": w.output_dim, "seconds": seconds, "matmul_alone": matmul_alone,
+            "matmul_alone_cpu": matmul_cpu}
 
 
 def read_parquet(out: str) -> tuple[int, float]:
@@ -125,6 +222,19 @@ def read_tfrecord_python(files: list[str]) -> tuple[int, float]:
     return frames, time.perf_counter() - start
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM). Not ``ru_maxrss``: Linux carries that over from the
+    parent through fork and exec, so a child of this bench would report the parent's peak (TensorFlow loaded)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def fit_memory_child(files: list[str]) -> None:
     """Child mode: run the fit path over ``files`` and print its memory use as JSON."""
     import tracemalloc
@@ -134,8 +244,8 @@ def fit_memory_child(files: list[str]) -> None:
     from pipeline.tfrecord import read_records
     from pipeline.whitening import fit_whitening_set
 
-    decode_sequence_example(next(read_records(files[0]))[1])  # imports TensorFlow's protos before measuring
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    decode_sequence_example(next(read_records(files[0]))[1])  # imports and builds the protobuf codec before measuring
+    rss_before = _peak_rss_mb()
     tracemalloc.start()
     fn = MomentsCombineFn(("rgb",))
     acc, videos, frames = fn.create_accumulator(), 0, 0
@@ -147,9 +257,8 @@ def fit_memory_child(files: list[str]) -> None:
     fit_whitening_set(fn.extract_output(acc))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"videos": videos, "frames": frames, "tracemalloc_peak_mb": peak / 2**20,
-                      "max_rss_mb": rss / 1024, "rss_before_mb": rss_before / 1024}))
+                      "max_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before}))
 
 
 def fit_memory(files: list[str]) -> dict:
@@ -160,12 +269,17 @@ def fit_memory(files: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main(args: argparse.Namespace) -> None:
     if args.fit_memory:
         fit_memory_child(args.fit_memory)
         return
     from pipeline import synthetic
 
+    bench_start = time.perf_counter()
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="bench_preprocess_")
     work = Path(args.work or tmp.name)
     raw = work / "raw"
@@ -175,56 +289,120 @@ def main(args: argparse.Namespace) -> None:
     files = sorted(glob.glob(str(raw / "*.tfrecord")))
     total = gen["frames"]
     mb = sum(os.path.getsize(f) for f in files) / 2**20
-    print(f"{args.videos} videos, {total} frames, {mb:.0f} MiB of TFRecords; cores: {os.cpu_count()}\n", flush=True)
+    print(f"{args.videos} videos, {total} frames, {mb:.0f} MiB of TFRecords; cores: {os.cpu_count()}; "
+          f"load average before: {_load()}\n", flush=True)
 
     tiny = work / "tiny"
     synthetic.generate(str(tiny), videos=2, shards=1, seed=args.seed + 1, min_frames=30, max_frames=30)
-    jobs, fixed = {}, {}
+    jobs, fixed, loads = {}, {}, {}
     for w in [int(x) for x in args.workers.split(",")]:
-        print(f"beam job, {w} worker(s) ...", flush=True)
-        jobs[w] = _run_job(str(raw), str(work / f"out{w}"), w, ["--features", args.features])
-        fixed[w] = _run_job(str(tiny), str(work / f"tiny_out{w}"), w, ["--features", args.features])[0]
+        out = str(work / f"out{w}")
+        print(f"beam job, {w} worker(s): --stage fit, then --stage write ...", flush=True)
+        fit = _run_job(str(raw), out, w, ["--features", args.features, "--stage", "fit"])
+        write = _run_job(str(raw), out, w, ["--features", args.features, "--stage", "write"])
+        jobs[w] = {"fit": fit, "write": write, "wall": fit["wall"] + write["wall"], "cpu": fit["cpu"] + write["cpu"]}
+        loads[w] = _load()
+        fixed[w] = _run_job(str(tiny), str(work / f"tiny_out{w}"), w, ["--features", args.features])["wall"]
     first = min(jobs)
     out = str(work / f"out{first}")
+    whitening = str(Path(out, "whitening.npz"))
     print("tf.data baseline ...", flush=True)
-    base_frames, base_s = tfdata_baseline(files, str(Path(out, "whitening.npz")))
+    base_frames, base_s, base_cpu = tfdata_baseline(files, whitening)
     assert base_frames == total, (base_frames, total)
     base_fps = base_frames / base_s
+    print("the write pass's steps outside Beam ...", flush=True)
+    outside = outside_beam_steps(files, whitening, str(work / "outside.parquet"))
+    assert outside["frames"] == total, (outside["frames"], total)
+    steps, matmul_s = outside["seconds"], outside["matmul_alone"]
+    bound_fps, bound_cpu_fps = total / matmul_s, total / outside["matmul_alone_cpu"]
 
-    print("\n### Preprocessing throughput (frames/s, higher is better)\n")
-    print("| run | whole job s | fit pass s | write pass s | fixed cost s (2-video job) | job frames/s | "
-          "job frames/s net of fixed cost | write-pass frames/s | write pass / tf.data |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for w, (wall, s) in jobs.items():
-        assert s["written_frames"] == total and s["invariant_holds"], s
+    print("\n### 1. Preprocessing throughput (frames/s, higher is better)\n")
+    print("Each job is two processes, `--stage fit` then `--stage write` (whole job = both). \"write pass\" is "
+          "the pass as the job's summary times it (pipeline build, run and finalize, without interpreter start-up "
+          "and imports); CPU s is the write process's CPU time with its worker processes; the tf.data baseline's "
+          "CPU s counts all of its threads.\n")
+    print("| run | fit job s | write job s | whole job s | fixed cost s (2-video job) | job frames/s | "
+          "write pass s | write-pass frames/s | write pass / tf.data | write job CPU s | frames per CPU s | "
+          "per CPU s / tf.data |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base_per_cpu = total / base_cpu
+    for w, job in jobs.items():
+        s = job["write"]["summary"]
+        assert s["written_frames"] == total and s["invariant_holds"] and s["shards_complete"], s
         write_fps = total / s["seconds"]["write"]
-        net = f"{total / (wall - fixed[w]):,.0f}" if wall > fixed[w] else "n/a"
-        print(f"| Beam FnApiRunner, {w} worker(s) | {wall:.1f} | {s['seconds']['fit']:.1f} | "
-              f"{s['seconds']['write']:.1f} | {fixed[w]:.1f} | {total / wall:,.0f} | {net} | {write_fps:,.0f} | "
-              f"{write_fps / base_fps:.2f} |")
-    print(f"| tf.data parse + numpy whitening (baseline, no write) | | | {base_s:.1f} | | | | {base_fps:,.0f} | "
-          f"1.00 |")
+        per_cpu = total / job["write"]["cpu"]
+        print(f"| Beam FnApiRunner, {w} worker(s) | {job['fit']['wall']:.1f} | {job['write']['wall']:.1f} | "
+              f"{job['wall']:.1f} | {fixed[w]:.1f} | {total / job['wall']:,.0f} | {s['seconds']['write']:.1f} | "
+              f"{write_fps:,.0f} | {write_fps / base_fps:.2f} | {job['write']['cpu']:.1f} | {per_cpu:,.0f} | "
+              f"{per_cpu / base_per_cpu:.2f} |")
+    print(f"| tf.data parse + numpy whitening (baseline, no write) | | | | | | {base_s:.1f} | {base_fps:,.0f} | "
+          f"1.00 | {base_cpu:.1f} | {base_per_cpu:,.0f} | 1.00 |")
 
-    print("\n### Peak memory of the fit path (read -> decode -> MomentsCombineFn -> fit)\n")
-    print("| files | videos | frames | tracemalloc peak MiB | max RSS MiB | RSS before fit MiB |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for n in sorted({1, len(files)}):
-        m = fit_memory(files[:n])
-        print(f"| {n} | {m['videos']} | {m['frames']} | {m['tracemalloc_peak_mb']:.1f} | {m['max_rss_mb']:.0f} | "
-              f"{m['rss_before_mb']:.0f} |")
+    print("\n### 2. Write pass per worker against the compute bound (the whitening matmul alone)\n")
+    print(f"Compute bound: `x @ projection`, float32 (T, 1024) @ (1024, {outside['dims']}) per video, one BLAS "
+          f"thread, same frames: {bound_fps:,.0f} frames/s of wall time ({matmul_s:.1f} s for {total} frames), "
+          f"{bound_cpu_fps:,.0f} frames per CPU second.\n")
+    print("| run | write-pass frames/s per worker | / compute bound | read % | decode % | whiten % | encode % | "
+          "rest: Parquet write + runner + start-up % |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for w, job in jobs.items():
+        s = job["write"]["summary"]
+        per_worker_s = s["seconds"]["write"]  # wall time of the pass; each of w workers had this much
+        fps = total / (per_worker_s * w)
+        own = {k: v / w for k, v in s["stage_seconds"].items()}  # per worker
+        rest = per_worker_s - sum(own.values())
+        cells = " | ".join(f"{100 * own[k] / per_worker_s:.0f}" for k in ("read", "decode", "whiten", "encode"))
+        print(f"| Beam, {w} worker(s) (the job's step timers) | {fps:,.0f} | {fps / bound_fps:.2f} | {cells} | "
+              f"{100 * rest / per_worker_s:.0f} |")
+    outside_total = sum(steps.values())
+    print(f"| the steps outside Beam, one process (below) | {total / outside_total:,.0f} | "
+          f"{total / outside_total / bound_fps:.2f} | "
+          + " | ".join(f"{100 * v / outside_total:.0f}" for v in (
+              steps["read"], steps["decode"], steps["dequantize"] + steps["center"] + steps["matmul"],
+              steps["encode"])) + f" | {100 * steps['write'] / outside_total:.0f} (write only) |")
+    print("\nThe same steps outside Beam, one process, same records (whiten = dequantize + center + matmul):\n")
+    print("| step | seconds | frames/s | % of the steps |")
+    print("|---|---:|---:|---:|")
+    for k in OUTSIDE_STEPS:
+        print(f"| {k} | {steps[k]:.2f} | {total / steps[k]:,.0f} | {100 * steps[k] / outside_total:.0f} |")
+    print(f"| all steps, no Beam | {outside_total:.2f} | {total / outside_total:,.0f} | 100 |")
 
-    print("\n### Reading frames into float32 numpy (frames/s)\n")
-    rows = [("Parquet shards (pipeline.shards.iter_videos, float16 -> float32)", read_parquet(out)),
-            ("TFRecords, tf.data parse + decode_raw + dequantize", read_tfrecord_tf(files)),
-            ("TFRecords, pipeline.tfrecord + pipeline.records (Python)", read_tfrecord_python(files))]
-    parquet_fps = rows[0][1][0] / rows[0][1][1]
-    sizes = [sum(os.path.getsize(f) for f in glob.glob(f"{out}/shards/*.parquet")) / 2**20, mb, mb]
-    print("| reader | MiB on disk | frames | seconds | frames/s | Parquet / this |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for (name, (frames, secs)), size in zip(rows, sizes):
-        assert frames == total, (name, frames, total)
-        print(f"| {name} | {size:.0f} | {frames} | {secs:.2f} | {frames / secs:,.0f} | "
-              f"{parquet_fps / (frames / secs):.2f} |")
+    if len(jobs) > 1:
+        print("\n### 3. Scaling: local workers against 1 (same corpus)\n")
+        print("CPU share = the job's CPU seconds (with its worker processes) / its wall seconds: how many cores it "
+              "got; 2 workers can only scale where the second worker finds a free core.\n")
+        print("| workers | fit pass s | write pass s | whole job s | fit speed-up | write speed-up | "
+              "whole-job speed-up | CPU share, whole job | load average (1/5/15 min) after the job |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        base = jobs[first]
+        f1, w1 = base["fit"]["summary"]["seconds"]["fit"], base["write"]["summary"]["seconds"]["write"]
+        for w, job in jobs.items():
+            fs, ws = job["fit"]["summary"]["seconds"]["fit"], job["write"]["summary"]["seconds"]["write"]
+            print(f"| {w} | {fs:.1f} | {ws:.1f} | {job['wall']:.1f} | {f1 / fs:.2f} | {w1 / ws:.2f} | "
+                  f"{base['wall'] / job['wall']:.2f} | {job['cpu'] / job['wall']:.2f} | {loads[w]} |")
+
+    if not args.skip_memory_and_reads:
+        print("\n### 4. Peak memory of the fit path (read -> decode -> MomentsCombineFn -> fit)\n")
+        print("| files | videos | frames | tracemalloc peak MiB | peak RSS MiB | peak RSS before the fit MiB |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for n in sorted({1, len(files)}):
+            m = fit_memory(files[:n])
+            print(f"| {n} | {m['videos']} | {m['frames']} | {m['tracemalloc_peak_mb']:.1f} | {m['max_rss_mb']:.0f} | "
+                  f"{m['rss_before_mb']:.0f} |")
+
+        print("\n### 5. Reading frames into float32 numpy (frames/s)\n")
+        rows = [("Parquet shards (pipeline.shards.iter_videos, float16 -> float32)", read_parquet(out)),
+                ("TFRecords, tf.data parse + decode_raw + dequantize", read_tfrecord_tf(files)),
+                ("TFRecords, pipeline.tfrecord + pipeline.records (Python)", read_tfrecord_python(files))]
+        parquet_fps = rows[0][1][0] / rows[0][1][1]
+        sizes = [sum(os.path.getsize(f) for f in glob.glob(f"{out}/shards/*.parquet")) / 2**20, mb, mb]
+        print("| reader | MiB on disk | frames | seconds | frames/s | Parquet / this |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for (name, (frames, secs)), size in zip(rows, sizes):
+            assert frames == total, (name, frames, total)
+            print(f"| {name} | {size:.0f} | {frames} | {secs:.2f} | {frames / secs:,.0f} | "
+                  f"{parquet_fps / (frames / secs):.2f} |")
+    print(f"\nbench time {time.perf_counter() - bench_start:.0f} s; load average at the end: {_load()}")
     if tmp is not None:
         tmp.cleanup()
 

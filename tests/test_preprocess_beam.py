@@ -1,7 +1,7 @@
 """beam_jobs.preprocess end to end on generated and real data, checked against TensorFlow's parse and numpy.
 
 The Beam runs use the local FnApiRunner: one in-process worker where the test is about results, two worker
-processes once (the training split), so the multi-process path and its metrics are exercised too.
+processes for the training split and the fanout fit, so the multi-process path and its metrics are exercised too.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import pytest
 from beam_jobs import options as job_options
 from beam_jobs import preprocess
 from pipeline import shards, synthetic
-from pipeline.records import VideoRecord, encode_sequence_example
-from pipeline.tfrecord import frame_record
-from pipeline.whitening import MomentAccumulator, WhiteningSet
+from pipeline.records import VideoRecord, decode_sequence_example, encode_sequence_example
+from pipeline.tfrecord import frame_record, read_records
+from pipeline.whitening import MomentAccumulator, WhiteningSet, fit_whitening_set
 
 from conftest import REAL_DATA
 ONE_WORKER = ["--direct_num_workers", "1"]
@@ -74,6 +74,46 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def counts_from_outputs(out: Path) -> dict:
+    """read / written / written_frames / dead-lettered by reason, counted here from the files the job wrote, with
+    pyarrow and json only (not with the job's own output_counts)."""
+    import pyarrow.parquet as pq
+
+    shard_files = sorted((out / "shards").glob("*.parquet"))
+    written = sum(pq.read_metadata(p).num_rows for p in shard_files)
+    frames = sum(int(pq.read_table(p, columns=["num_frames"]).column(0).to_numpy().sum()) for p in shard_files)
+    reasons: dict = {}
+    for d in dead_letters(out):
+        reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+    lines = [json.loads(line) for p in sorted((out / "counts").glob("*.jsonl"))
+             for line in p.read_text().splitlines() if line.strip()]
+    read = sum(line.get("read_records", 0) for line in lines if line["step"] == "read")
+    return {"read": read, "written": written, "written_frames": frames, "dead_lettered": reasons}
+
+
+class _NoMetricsResult:
+    """A pipeline result as from a runner that reports no Beam metrics."""
+
+    def __init__(self, result):
+        self._result = result
+
+    def wait_until_finish(self, duration=None):
+        return self._result.wait_until_finish(duration)
+
+    def metrics(self):
+        raise NotImplementedError("this runner reports no metrics")
+
+
+def no_metrics_pipeline(options):
+    import apache_beam as beam
+
+    class NoMetricsPipeline(beam.Pipeline):
+        def run(self, test_runner_api="AUTO"):
+            return _NoMetricsResult(super().run(test_runner_api))
+
+    return NoMetricsPipeline(runner=job_options.make_runner(options), options=options)
+
+
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("raw")
@@ -94,6 +134,9 @@ def test_train_and_validation_splits_end_to_end(raw, tmp_path):
     assert (summary["read"], summary["written"], summary["dead_lettered_total"]) == (24, 24, 0)
     assert summary["written_frames"] == sum(v["rgb"].shape[0] for v in expected.values())
     assert json.loads((train / "summary.json").read_text()) == summary
+    assert summary["metrics_agree"] and summary["shards_complete"] and summary["invariant_holds"]
+    assert {k: summary[k] for k in ("read", "written", "written_frames", "dead_lettered")} == counts_from_outputs(
+        train)
     assert json.loads((train / "config.json").read_text())["pca_dims"] == {"rgb": 32, "audio": 16}
     assert dead_letters(train) == [] and len(list((train / "dead_letter").glob("*.jsonl"))) == 1
 
@@ -150,6 +193,93 @@ def test_train_and_validation_splits_end_to_end(raw, tmp_path):
     assert names == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
     assert again["written"] == 24 and sha256(train / "whitening.npz") == train_sha
     assert len(shard_rows(train)) == 24
+
+
+# -- the fit: fanout of the moments combine, and the fit and write stages as separate invocations ---------------
+# Tolerances of a Beam fit against one MomentAccumulator fed every frame in this process. Both sum the same float64
+# values in a different order (Chan merges per bundle, per fanout key, then on the final key), so they agree up to
+# rounding: means within a few ulp of the frame values (|x| <= 2), eigenvalues within about D * eps relative to the
+# largest, components (compared up to sign, |<a, b>|) within eps * largest eigenvalue / eigengap; the top 8
+# eigengaps of this data are at least 0.9% of the largest eigenvalue. Measured: at most 2e-16 (mean), 1.2e-15
+# (eigenvalues, relative), 1.8e-15 (1 - |<a, b>|) for all three runs; the bounds leave three or more orders of margin
+# and would still catch a lost or double-counted bundle (a change of order 1 / number of bundles).
+FIT_ATOL_MEAN = 1e-12
+FIT_RTOL_EIGENVALUES = 1e-9
+FIT_COMPONENT_DOT = 1 - 1e-9
+
+
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory) -> Path:
+    """32 short videos in 8 files: several bundles and keys for the combine, still a quick job."""
+    root = tmp_path_factory.mktemp("many")
+    synthetic.generate(str(root), videos=32, shards=8, seed=9, min_frames=30, max_frames=45)
+    return root
+
+
+@pytest.mark.parametrize("fanout, workers", [(1, ONE_WORKER), (16, ONE_WORKER), (16, TWO_WORKERS)])
+def test_fit_with_and_without_combine_fanout_equals_one_process_fit(many_files, tmp_path, fanout, workers):
+    dims = {"rgb": 8, "audio": 8}
+    out = tmp_path / "fit"
+    fit = preprocess.run(["--input", str(many_files / "*.tfrecord"), "--output", str(out), "--stage", "fit",
+                          "--features", "rgb,audio", "--pca-dims", "rgb=8,audio=8", "--combine-fanout", str(fanout)]
+                         + workers, save_main_session=False)
+    assert fit["stage"] == "fit" and json.loads((out / "fit_summary.json").read_text()) == fit
+    assert not (out / "shards").exists() and not (out / "summary.json").exists()  # pass 1 only
+    assert json.loads((out / "config.json").read_text())["combine_fanout"] == fanout
+
+    # the reference: every frame of every record, decoded and added in this process, one accumulator per feature
+    acc = {name: MomentAccumulator(d) for name, d in (("rgb", 1024), ("audio", 128))}
+    for path in sorted(many_files.glob("*.tfrecord")):
+        for _, payload in read_records(str(path)):
+            record = decode_sequence_example(payload)
+            for name in acc:
+                acc[name].add(record.features(name))
+    want = fit_whitening_set(acc, dims=dims)
+    got = WhiteningSet.load(out / "whitening.npz")
+    assert fit["whitening"]["frames"] == {name: a.count for name, a in acc.items()}
+    for name, k in dims.items():
+        g, w = got[name], want[name]
+        assert g.count == w.count and g.dims == w.dims == k
+        np.testing.assert_allclose(g.mean, w.mean, rtol=0, atol=FIT_ATOL_MEAN)
+        np.testing.assert_allclose(g.eigenvalues, w.eigenvalues, rtol=FIT_RTOL_EIGENVALUES)
+        np.testing.assert_allclose(g.shrinkage, w.shrinkage, rtol=FIT_RTOL_EIGENVALUES)
+        dots = np.abs(np.sum(g.components * w.components, axis=1))
+        assert dots.min() >= FIT_COMPONENT_DOT, dots
+
+
+def test_fit_then_write_stages_equal_stage_all(raw, tmp_path):
+    common = ["--input", str(raw / "val/*.tfrecord"), "--features", "rgb,audio", "--pca-dims", "rgb=16,audio=8"]
+    whole, staged = tmp_path / "all", tmp_path / "staged"
+    summary = preprocess.run(common + ["--output", str(whole)] + ONE_WORKER, save_main_session=False)
+    fit = preprocess.run(common + ["--output", str(staged), "--stage", "fit"] + ONE_WORKER, save_main_session=False)
+    assert not (staged / "shards").exists()
+    staged_summary = preprocess.run(common + ["--output", str(staged), "--stage", "write"] + ONE_WORKER,
+                                    save_main_session=False)
+
+    assert sha256(staged / "whitening.npz") == sha256(whole / "whitening.npz")
+    assert fit["whitening"] == summary["whitening"] == staged_summary["whitening"]  # the fit facts carried over
+    assert summary["whitening"]["fitted"] is True
+    ignore = ("seconds", "stage", "stage_seconds", "output")
+    assert {k: v for k, v in summary.items() if k not in ignore} == {
+        k: v for k, v in staged_summary.items() if k not in ignore}
+    assert (summary["stage"], staged_summary["stage"]) == ("all", "write")
+
+    rows, staged_rows = shard_rows(whole, ("rgb", "audio")), shard_rows(staged, ("rgb", "audio"))
+    assert len(rows) == 8 and set(rows) == set(staged_rows)
+    for vid, v in rows.items():
+        s = staged_rows[vid]
+        assert v.num_frames == s.num_frames
+        for field in ("labels", "segment_start_times", "segment_labels", "segment_scores"):
+            np.testing.assert_array_equal(getattr(v, field), getattr(s, field))
+        for name in ("rgb", "audio"):
+            np.testing.assert_array_equal(v.features[name], s.features[name])
+
+    # a repeated write stage replaces the shards and keeps the whitening; the fit stage clears stale pass-2 outputs
+    again = preprocess.run(common + ["--output", str(staged), "--stage", "write", "--num-shards", "2"] + ONE_WORKER,
+                           save_main_session=False)
+    assert again["written"] == 8 and len(list((staged / "shards").glob("*.parquet"))) == 2
+    preprocess.run(common + ["--output", str(staged), "--stage", "fit"] + ONE_WORKER, save_main_session=False)
+    assert not any((staged / part).exists() for part in ("shards", "dead_letter", "counts", "summary.json"))
 
 
 # -- every kind of bad input reaches the dead letter -----------------------------------------------------------
@@ -229,9 +359,15 @@ def test_every_bad_input_kind_is_dead_lettered_and_counted(tmp_path):
     data = (src / "c_truncated.tfrecord").read_bytes()
     (src / "c_truncated.tfrecord").write_bytes(data[:trunc_offsets[2] + 500])
 
+    # on a runner that reports no Beam metrics: every number below comes from the job's output files
     out = tmp_path / "out"
     summary = preprocess.run(["--input", str(src / "*.tfrecord"), "--output", str(out), "--features", "rgb,audio",
-                              "--pca-dims", "8"] + ONE_WORKER, save_main_session=False)
+                              "--pca-dims", "8"] + ONE_WORKER, save_main_session=False,
+                             test_pipeline=no_metrics_pipeline)
+    assert summary["metrics"] is None and summary["metrics_agree"] is None
+    assert {k: summary[k] for k in ("read", "written", "written_frames", "dead_lettered")} == counts_from_outputs(
+        out)
+    assert summary["shards_complete"] and set(summary["sources"]) >= {"read", "written", "dead_lettered"}
 
     good_ids = {"ok00", "ok02", "ok03", "ok10", "ok12", "ok20", "ok21"}
     reasons = [r for r, _ in mixed if r != "ok"] + ["bad_data_crc", "truncated"]
@@ -257,6 +393,15 @@ def test_every_bad_input_kind_is_dead_lettered_and_counted(tmp_path):
     np.testing.assert_array_equal(written["ok00"].segment_start_times, [0, 10, 40])
     np.testing.assert_array_equal(written["ok00"].segment_scores, [1, 1, 1])
     assert written["ok03"].segment_start_times.size == 0  # schema has segment columns; this video has none
+
+    # the same job where the runner reports metrics: same summary numbers, and the metrics agree with them
+    again = preprocess.run(["--input", str(src / "*.tfrecord"), "--output", str(tmp_path / "again"), "--features",
+                            "rgb,audio", "--pca-dims", "8"] + ONE_WORKER, save_main_session=False)
+    assert again["metrics_agree"] is True
+    assert again["metrics"]["read_records"] == 17 and again["metrics"]["dead_lettered_truncated"] == 1
+    numbers = ("read", "written", "written_frames", "dead_lettered", "truncated_records", "truncated_frames",
+               "segments_past_end", "unwritten_segment_records", "invariant_holds", "shards_complete")
+    assert {k: again[k] for k in numbers} == {k: summary[k] for k in numbers}
 
 
 # -- the real 2018 video-level shards --------------------------------------------------------------------------
@@ -397,3 +542,11 @@ def test_entry_point_errors_are_one_line(raw, tmp_path, capsys):
     _write(junk, [b"\xff\x00 junk", b"\xff\xff"])
     err = fails("--input", str(junk), "--output", str(tmp_path / "o"))
     assert "usable frames" in err and "unparsable 2" in err
+    # stages: write needs statistics, fit must not be given any
+    assert "--stage write needs --whitening" in fails("--input", str(raw / "val/*.tfrecord"), "--output",
+                                                      str(tmp_path / "empty"), "--stage", "write")
+    assert "--stage fit" in fails("--input", str(raw / "val/*.tfrecord"), "--output", str(tmp_path / "o"),
+                                  "--stage", "fit", "--whitening", str(tmp_path / "rgb.npz"))
+    assert "--combine-fanout" in fails("--input", str(raw / "val/*.tfrecord"), "--output", str(tmp_path / "o"),
+                                       "--combine-fanout", "-1")
+    assert not (tmp_path / "empty").exists()
