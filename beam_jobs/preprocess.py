@@ -1005,12 +1005,16 @@ def output_counts(cfg: JobConfig) -> dict:
 
     fs, paths = _glob(cfg.path("shards"), "*.parquet")
     written = frames = 0
+    ids: Counter = Counter()
     for path in paths:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             written += pf.metadata.num_rows
             if pf.metadata.num_rows:
-                frames += int(pf.read(columns=["num_frames"]).column(0).to_numpy().sum())
+                table = pf.read(columns=["id", "num_frames"])
+                frames += int(table.column("num_frames").to_numpy().sum())
+                ids.update(table.column("id").to_pylist())
+    repeated = {vid: n for vid, n in ids.items() if n > 1}
     dead: Counter = Counter()
     fs, paths = _glob(cfg.path("dead_letter"), "*.jsonl")
     for path in paths:
@@ -1028,7 +1032,11 @@ def output_counts(cfg: JobConfig) -> dict:
                         if key != "step":
                             counted[key] = counted.get(key, 0) + value
     return {"written": written, "written_frames": frames, "dead_lettered": dict(sorted(dead.items())),
-            "counted": counted, "count_lines": lines}
+            "counted": counted, "count_lines": lines,
+            # the same video id in several records (e.g. input files listed twice, or overlapping splits merged):
+            # written as they came, and reported, since which copy is right is the user's call
+            "duplicate_ids": {"ids": len(repeated), "extra_rows": sum(n - 1 for n in repeated.values()),
+                              "examples": {vid: repeated[vid] for vid in sorted(repeated)[:5]}}}
 
 
 # Where each number of the summary comes from (summary["sources"]).
@@ -1037,6 +1045,7 @@ SOURCES = {
     "written": "shards/*.parquet: row counts in the Parquet footers",
     "written_frames": "shards/*.parquet: sum of the num_frames column",
     "dead_lettered": "dead_letter/*.jsonl: lines by reason",
+    "duplicate_ids": "shards/*.parquet: ids written more than once (count, extra rows, up to 5 examples)",
     "truncated_records, truncated_frames, segments_past_end": "counts/*.jsonl: the decode step's lines, summed",
     "unwritten_segment_records": "counts/*.jsonl: the whiten step's lines, summed",
     "stage_seconds": "counts/*.jsonl: each step's own wall-clock seconds, summed over bundles and workers",
@@ -1060,6 +1069,7 @@ def summarize(cfg: JobConfig, outputs: dict, metrics: dict | None, paths: Sequen
         "read": read, "written": written, "dead_lettered": dead, "dead_lettered_total": sum(dead.values()),
         "invariant_holds": read == written + sum(dead.values()),
         "written_frames": outputs["written_frames"],
+        "duplicate_ids": outputs["duplicate_ids"],
         **{key: int(counted.get(key, 0)) for key in _COUNTED},
         # the shards hold every row the whiten step handed to the writer
         "shards_complete": (int(counted.get("written_records", 0)), int(counted.get("written_frames", 0)))
@@ -1096,6 +1106,11 @@ def format_summary(s: dict) -> str:
     if s["unwritten_segment_records"]:
         lines.append(f"  WARNING: {s['unwritten_segment_records']} records carry segment ratings that were not "
                      f"written (the first records had none, so the shards have no segment columns)")
+    dup = s.get("duplicate_ids") or {}
+    if dup.get("ids"):
+        examples = ", ".join(f"{k} x{v}" for k, v in dup["examples"].items())
+        lines.append(f"  WARNING: {dup['ids']} video ids occur in more than one record ({dup['extra_rows']} extra "
+                     f"rows written), e.g. {examples}")
     if not s["invariant_holds"]:
         lines.append("  WARNING: read != written + dead-lettered; some records are unaccounted for")
     if not s["shards_complete"]:

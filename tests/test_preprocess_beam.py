@@ -550,3 +550,28 @@ def test_entry_point_errors_are_one_line(raw, tmp_path, capsys):
     assert "--combine-fanout" in fails("--input", str(raw / "val/*.tfrecord"), "--output", str(tmp_path / "o"),
                                        "--combine-fanout", "-1")
     assert not (tmp_path / "empty").exists()
+
+
+def test_duplicate_video_ids_are_reported_with_examples(raw, tmp_path, capsys):
+    """The same input file given twice: every record is written (which copy is right is the user's call), and the
+    summary counts the repeated ids with examples and says so."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    first = sorted((raw / "train").glob("*.tfrecord"))[0]
+    shutil.copy(first, src / "a.tfrecord")
+    shutil.copy(first, src / "b.tfrecord")
+    ids = [decode_sequence_example(r).id for _, r in read_records(str(first))]
+    summary = preprocess.run(["--input", str(src / "*.tfrecord"), "--output", str(tmp_path / "out"),
+                              "--pca-dims", "8"] + ONE_WORKER, save_main_session=False)
+    assert summary["written"] == 2 * len(ids)
+    dup = summary["duplicate_ids"]
+    assert dup["ids"] == len(set(ids)) and dup["extra_rows"] == len(ids)
+    assert set(dup["examples"]) <= set(ids) and all(n == 2 for n in dup["examples"].values())
+    assert len(dup["examples"]) == min(5, len(set(ids)))
+    printed = preprocess.format_summary(summary)
+    assert f"{len(set(ids))} video ids occur in more than one record" in printed
+    clean = preprocess.run(["--input", str(first), "--output", str(tmp_path / "clean"), "--pca-dims", "8"]
+                           + ONE_WORKER, save_main_session=False)
+    assert clean["duplicate_ids"] == {"ids": 0, "extra_rows": 0, "examples": {}}
