@@ -137,4 +137,12 @@ def run_job(run: Callable[[Sequence[str] | None], object], argv: Sequence[str] |
     except Yt8mError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # an object store's network or credential failure: one line, not its traceback
+        from pipeline.storage import storage_error_line
+
+        line = storage_error_line(e, sys.argv[1:] if argv is None else argv)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 2
     return 0

@@ -137,6 +137,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
                     data = f.read()
             except FileNotFoundError:
                 raise CheckpointError(f"no checkpoint at {path}") from None
+            except Exception as e:  # the store, not the file: never call an unreachable checkpoint corrupt
+                from pipeline.storage import storage_cause
+
+                cause = storage_cause(e)
+                if cause is None:
+                    raise
+                raise CheckpointError(f"cannot read checkpoint {path}: {cause}") from None
             state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except CheckpointError:
         raise
