@@ -1,15 +1,33 @@
 """Segment tagging over a whole corpus with Beam's RunInference: the rows of ``model.tag_segments``, at scale.
 
     python -m beam_jobs.tag_segments --checkpoint runs/cma/best.pt --data 'DATA/test' --out tags/
-        [--top-k 20] [--classes segment_label_ids.csv] [--scorer frames|context] [Beam options]
+        [--top-k 20] [--classes segment_label_ids.csv] [--scorer frames|context]
+        [--min-batch-size 1] [--max-batch-size 32] [--share-model | --no-share-model] [--model-copies 1]
+        [Beam options]
 
 Steps: match the Parquet shards (in this process, so a bad ``--data`` fails before any worker starts) ->
 ``Reshuffle`` (spread the shards over workers) -> ``ReadVideos`` (one shard in, ``(id, frames (T, D))`` out,
 truncated to the checkpoint's ``max_frames`` like the training loader) -> ``RunInference`` with a keyed
-``SegmentTaggerModelHandler`` (loads the training checkpoint once per worker with ``model.evaluate.load_model``,
-CUDA when the worker has it, and scores each batch with ``model.engine.segments.score_video_segments``) -> one row per
+``SegmentTaggerModelHandler`` (loads the training checkpoint with ``model.evaluate.load_model``, CUDA when the
+worker has it, and scores each batch with ``model.engine.segments.score_video_segments``) -> one row per
 (segment, class) -> ``OUT/part-SSSSS-of-NNNNN.parquet`` with ``model.tag_segments.TAG_SCHEMA``
 ``(id string, start_time int32, class int32, score float32)``.
+
+One model per worker VM: a Dataflow worker runs one SDK process per vCPU, and by default each would load its own
+copy of the model (and, on a GPU worker, its own CUDA context). ``--share-model`` (the default on every runner but
+the local single-process one) makes the handler a Beam "large model" (``share_model_across_processes()``): the
+first SDK process that needs the model loads it (``model_copies()`` copies, 1 by default) into a
+``apache_beam.utils.multi_process_shared.MultiProcessShared`` server that lives in that process, and every process
+of the VM sends its batches there through a proxy (``SegmentTagger.tag``: the frames go in, plain
+``(start_time, class, score)`` tuples come back). Locally the FnApiRunner's worker processes share a machine, so
+a ``--direct_num_workers=N`` run loads the model once; ``--no-share-model`` loads it once per SDK process. The
+price of sharing is one pickled copy of each batch's frames (B x T x D float32) per call and one process doing all
+the VM's inference: right for a GPU (or a model too big for one copy per vCPU), while CPU workers with a small
+model may tag faster with ``--no-share-model``. Batches are ``--min-batch-size``..``--max-batch-size`` videos
+(Beam's ``BatchElements`` bounds).
+
+Workers need torch (the ``tagging`` extra, setup.cfg): use the custom SDK container of ``Dockerfile``
+(``--sdk_container_image``); ``--setup_file`` alone installs the core requirements only (README, "Dataflow").
 
 The local CLI and this job produce the same rows on the same data (tests/test_tag_segments_beam.py): batching
 differs, but the model runs in eval mode and every video (every window, for the ``frames`` scorer) is scored
@@ -58,6 +76,45 @@ class TagJobError(Yt8mError):
 
 
 # -- model handler ---------------------------------------------------------------------------------------------
+class SegmentTagger:
+    """What ``SegmentTaggerModelHandler.load_model`` returns: the eval-mode model on its device and the scoring
+    settings, behind one method. When the model is shared across processes, RunInference hands the handler a
+    proxy of this object and ``tag`` runs in the process that loaded it; its argument (the batch's frames) and
+    result (plain ints and floats) are what crosses the process boundary, never the model or a tensor.
+
+    Args:
+        model: a ``model.networks.video_model`` module in eval mode, on ``device``.
+        scorer, top_k, classes: as in ``model.engine.segments.score_video_segments``.
+    """
+
+    def __init__(self, model, scorer: str, top_k: int, classes: Sequence[int] | None):
+        self.model = model
+        self.scorer = scorer
+        self.top_k = int(top_k)
+        self.classes = classes
+
+    def tag(self, batch: Sequence[np.ndarray]) -> list[list[tuple[int, int, float]]]:
+        """Per video of ``batch`` (each (T_b, D) float32): ``[(start_time, class, score), ...]``."""
+        import torch
+
+        from model.engine.device import autocast
+        from model.engine.segments import score_video_segments
+
+        device = next(self.model.parameters()).device
+        B, D = len(batch), batch[0].shape[1]
+        T = max(len(frames) for frames in batch)
+        x = np.zeros((B, T, D), np.float32)  # padded to the longest video of the batch, as the local loader does
+        mask = np.zeros((B, T), bool)
+        for b, frames in enumerate(batch):
+            x[b, :len(frames)] = frames
+            mask[b, :len(frames)] = True
+        x_t = torch.from_numpy(x).to(device)  # (B, T, D)
+        mask_t = torch.from_numpy(mask).to(device)  # (B, T)
+        with autocast(device):
+            return score_video_segments(self.model, x_t, mask_t, scorer=self.scorer, top_k=self.top_k,
+                                        classes=self.classes)
+
+
 class SegmentTaggerModelHandler(ModelHandler):
     """RunInference handler: frames (T, D) float32 -> ``PredictionResult(frames, [(start_time, class, score)])``.
 
@@ -72,44 +129,38 @@ class SegmentTaggerModelHandler(ModelHandler):
         classes: class ids the top-k is chosen among (None: all classes).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         min_batch_size, max_batch_size: videos per inference batch (Beam's ``BatchElements`` bounds).
+        share_model: load the model once per worker VM and share it across the VM's SDK processes
+            (``share_model_across_processes()``; Beam's ``large_model``) instead of once per process.
+        model_copies: copies loaded per VM when shared (e.g. one per GPU); ignored without ``share_model``.
     """
 
     def __init__(self, checkpoint: str, scorer: str, top_k: int, classes: Sequence[int] | None = None,
-                 device: str = "auto", min_batch_size: int = 1, max_batch_size: int = 32):
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+                 device: str = "auto", min_batch_size: int = 1, max_batch_size: int = 32,
+                 share_model: bool = True, model_copies: int = 1):
+        if not 1 <= min_batch_size <= max_batch_size:
+            raise ValueError(f"need 1 <= min_batch_size <= max_batch_size, got {min_batch_size}, {max_batch_size}")
+        if model_copies < 1:
+            raise ValueError(f"model_copies must be >= 1, got {model_copies}")
+        # Beam shares a model across processes when large_model is set or model_copies is given.
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
+                         large_model=bool(share_model), model_copies=int(model_copies) if share_model else None)
         self.checkpoint = str(checkpoint)
         self.scorer = scorer
         self.top_k = int(top_k)
         self.classes = None if classes is None else [int(c) for c in classes]
         self.device = device
 
-    def load_model(self):
+    def load_model(self) -> SegmentTagger:
         from model.engine.device import resolve_device
         from model.evaluate import load_model
 
         model, _ = load_model(self.checkpoint, resolve_device(self.device))
-        return model
+        return SegmentTagger(model, self.scorer, self.top_k, self.classes)
 
-    def run_inference(self, batch: Sequence[np.ndarray], model, inference_args: Optional[dict] = None
-                      ) -> Iterable[PredictionResult]:
-        import torch
-
-        from model.engine.device import autocast
-        from model.engine.segments import score_video_segments
-
-        device = next(model.parameters()).device
-        B, D = len(batch), batch[0].shape[1]
-        T = max(len(frames) for frames in batch)
-        x = np.zeros((B, T, D), np.float32)  # padded to the longest video of the batch, as the local loader does
-        mask = np.zeros((B, T), bool)
-        for b, frames in enumerate(batch):
-            x[b, :len(frames)] = frames
-            mask[b, :len(frames)] = True
-        x_t = torch.from_numpy(x).to(device)  # (B, T, D)
-        mask_t = torch.from_numpy(mask).to(device)  # (B, T)
-        with autocast(device):
-            tags = score_video_segments(model, x_t, mask_t, scorer=self.scorer, top_k=self.top_k,
-                                        classes=self.classes)
+    def run_inference(self, batch: Sequence[np.ndarray], model: SegmentTagger,
+                      inference_args: Optional[dict] = None) -> Iterable[PredictionResult]:
+        # ``model`` is the SegmentTagger itself, or (shared across processes) a proxy of it: one call either way.
+        tags = model.tag(list(batch))
         return [PredictionResult(frames, video_tags) for frames, video_tags in zip(batch, tags)]
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
@@ -193,7 +244,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m beam_jobs.tag_segments", description=__doc__.splitlines()[0],
         epilog="Any other --flag is a Beam pipeline option (e.g. --runner=DataflowRunner --project=P --region=R "
-               "--temp_location=gs://B/tmp, GPU workers with --dataflow_service_options="
+               "--temp_location=gs://B/tmp --sdk_container_image=IMAGE (built from Dockerfile, EXTRA=tagging), "
+               "GPU workers with --dataflow_service_options="
                "'worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver', or "
                "--direct_num_workers=4 for the local runner).")
     p.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a model.train_video run (or gs://)")
@@ -204,7 +256,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="class ids to tag (segment_label_ids.csv format); default: all model classes, as "
                         "model.tag_segments does for its Parquet rows (this job writes no Class,Segments CSV)")
     p.add_argument("--scorer", choices=SCORERS, default=DEFAULT_SCORER, help="see model.engine.segments")
-    p.add_argument("--batch-size", type=int, default=32, help="most videos per inference batch")
+    p.add_argument("--min-batch-size", type=int, default=1,
+                   help="fewest videos per inference batch (Beam's BatchElements lower bound)")
+    p.add_argument("--max-batch-size", "--batch-size", dest="max_batch_size", type=int, default=32,
+                   help="most videos per inference batch (Beam's BatchElements upper bound; --batch-size is an "
+                        "alias)")
+    p.add_argument("--share-model", action=argparse.BooleanOptionalAction, default=None,
+                   help="one model per worker VM, shared by its SDK processes (Beam's large_model); default: on, "
+                        "except on the local runner with a single in-process worker, which has nothing to share")
+    p.add_argument("--model-copies", type=int, default=1,
+                   help="copies of the shared model per worker VM (e.g. the GPUs per worker); needs --share-model")
     p.add_argument("--device", default="auto", help="auto (CUDA on GPU workers), cpu, cuda, cuda:N")
     p.add_argument("--num-shards", type=int, default=0, help="tag files to write; 0: the runner decides")
     return p
@@ -221,8 +282,13 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], dict, list[int] |
 
     if args.top_k < 1:
         raise TagJobError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise TagJobError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 1 <= args.min_batch_size <= args.max_batch_size:
+        raise TagJobError(f"need 1 <= --min-batch-size <= --max-batch-size, got {args.min_batch_size} and "
+                          f"{args.max_batch_size}")
+    if args.model_copies < 1:
+        raise TagJobError(f"--model-copies must be >= 1, got {args.model_copies}")
+    if args.model_copies > 1 and args.share_model is False:
+        raise TagJobError("--model-copies needs --share-model: without it every SDK process loads its own model")
     try:
         _, train_args = load_model(args.checkpoint, torch.device("cpu"))
     except CheckpointError as e:
@@ -268,6 +334,16 @@ def build_pipeline(p: beam.Pipeline, paths: Sequence[str], handler: ModelHandler
              shard_name_template="-SSSSS-of-NNNNN"))
 
 
+def share_model_by_default(options: PipelineOptions) -> bool:
+    """``--share-model``'s default: on, except on the local runner when its single worker runs in this process
+    (``direct_running_mode=in_memory``), where a cross-process server would only add a proxy hop."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    if not job_options.is_local(options):
+        return True
+    return options.view_as(DirectOptions).direct_running_mode != "in_memory"
+
+
 def _join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if "://" in base else os.path.join(base, *parts)
 
@@ -300,6 +376,8 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
     args, beam_args = get_args_parser().parse_known_args(argv)
     opts = job_options.make_pipeline_options(beam_args, save_main_session)
     paths, train_args, classes = check_inputs(args)
+    if args.share_model is None:
+        args.share_model = share_model_by_default(opts)
     features = tuple(train_args["features"].split(","))
     _prepare_output(args.out)
     config: dict[str, Any] = {**vars(args), "runner": job_options.runner_name(opts),
@@ -311,7 +389,8 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
     _write_json(_join(args.out, "config.json"), config)
 
     handler = SegmentTaggerModelHandler(args.checkpoint, args.scorer, args.top_k, classes, args.device,
-                                        max_batch_size=args.batch_size)
+                                        min_batch_size=args.min_batch_size, max_batch_size=args.max_batch_size,
+                                        share_model=args.share_model, model_copies=args.model_copies)
     start = time.perf_counter()
     p = (test_pipeline or job_options.new_pipeline)(opts)
     build_pipeline(p, paths, handler, features, int(train_args["feature_dim"]), int(train_args["max_frames"]),
@@ -320,7 +399,7 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
     state = result.wait_until_finish()
     if state is not None and state != PipelineState.DONE:
         raise TagJobError(f"the tagging pipeline ended in state {state}")
-    counts = counter_values(result, METRICS_NAMESPACE)
+    counts = counter_values(result, METRICS_NAMESPACE) or {}  # None: the runner reports no metrics
     seconds = time.perf_counter() - start
     dead = {k[len("dead_lettered_"):]: v for k, v in sorted(counts.items()) if k.startswith("dead_lettered_")}
     summary = {"data": args.data, "out": args.out, "shards": len(paths),

@@ -28,6 +28,7 @@ from model.data.coco import read_coco
 from model.data.images import CocoImageDataset, eval_transform, make_image_loader, train_transform
 from model.data.video import DataError
 from model.engine.checkpoint import (CheckpointError, capture_rng_state, check_compatible, load_checkpoint,
+                                     load_latest_checkpoint,
                                      restore_rng_state, save_checkpoint, to_plain)
 from model.engine.device import resolve_device
 from model.engine.image_inference import BrokenImages, batch_size_of, forward_batch, predict_images
@@ -224,7 +225,7 @@ def main(args) -> dict:
 
     ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(out / "last.pt")
+        ckpt, _ = load_latest_checkpoint(out / "last.pt")
         check_compatible(ckpt["args"], vars(args), ARCH_KEYS)
     # on --resume the checkpoint holds every weight: no backbone file is read
     backbone = (build_image_backbone(args.backbone, random_init=True) if ckpt is not None else
@@ -291,7 +292,7 @@ def main(args) -> dict:
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best_metric": best,
                  "args": to_plain(vars(args)), "rng": capture_rng_state(), "label_map": label_map.to_plain(),
                  "history": to_plain(history)}
-        save_checkpoint(out / "last.pt", state)
+        save_checkpoint(out / "last.pt", state, keep_previous=True)
         if is_best:
             save_checkpoint(out / "best.pt", state)
         write_json(out / "metrics.json", {"epochs": history, "best_val_map": best if val_loader else None})

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from model.networks import asge
 from model.engine.checkpoint import (CheckpointError, capture_rng_state, check_compatible, load_checkpoint,
+                                     load_latest_checkpoint,
                               restore_rng_state, save_checkpoint, to_plain)
 from model.data.video import DataError, dataset_summary, make_loader
 from model.engine.device import autocast, resolve_device
@@ -270,7 +271,7 @@ def main(args) -> dict:
     resume_path = out / "last.pt"
     ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(resume_path)
+        ckpt, _ = load_latest_checkpoint(resume_path)
         stored = with_arch_defaults(ckpt["args"], ckpt["model"])
         adopt_legacy_head(args, ckpt["args"], stored, str(resume_path))
         check_compatible(stored, vars(args), arch_keys(args.head))
@@ -298,6 +299,7 @@ def main(args) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, step, best_gap = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_metric"]
         history = json.loads((out / "metrics.json").read_text())["epochs"] if (out / "metrics.json").exists() else []
+        history = [h for h in history if h["epoch"] <= ckpt["epoch"]]  # resuming from an earlier (previous) file
         restore_rng_state(ckpt["rng"])
         print(f"resumed from {resume_path} at epoch {start_epoch}")
     write_json(out / "config.json", {k: v for k, v in sorted(vars(args).items())})
@@ -327,7 +329,7 @@ def main(args) -> dict:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best_metric": best_gap,
                  "args": to_plain(vars(args)), "rng": capture_rng_state()}
-        save_checkpoint(out / "last.pt", state)
+        save_checkpoint(out / "last.pt", state, keep_previous=True)
         if is_best:
             save_checkpoint(out / "best.pt", state)
         write_json(out / "metrics.json", {"epochs": history, "best_val_gap": best_gap if args.val else None})

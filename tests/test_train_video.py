@@ -264,3 +264,31 @@ def test_label_prior_baseline_and_comparison_table(data, tmp_path, capsys):
     assert any(line.startswith("GAP@20:") for line in lines) and "same 24 videos" in text
     with pytest.raises(compare.CompareError, match="NAME=FILE"):
         compare.read_result(str(tmp_path / "prior.json"))
+
+
+def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(data, tmp_path, capsys):
+    """last.pt truncated on disk: --resume names the file, continues from last.prev.pt, and ends where an
+    uninterrupted run ends."""
+    full = _train(data, tmp_path / "full", "--epochs", "3")
+    _train(data, tmp_path / "split", "--epochs", "2")
+    last = tmp_path / "split/last.pt"
+    assert torch.load(tmp_path / "split/last.prev.pt", weights_only=True)["epoch"] == 0
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    capsys.readouterr()
+    resumed = _train(data, tmp_path / "split", "--epochs", "3", "--resume")
+    err = capsys.readouterr().err
+    assert "last.pt" in err and "previous checkpoint" in err and "last.prev.pt" in err
+    assert resumed["val_gap"] == pytest.approx(full["val_gap"], rel=1e-6)
+    hist = json.loads((tmp_path / "split/metrics.json").read_text())["epochs"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    a = torch.load(tmp_path / "full/last.pt", weights_only=True)["model"]
+    b = torch.load(last, weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+    # both files damaged: one error naming both
+    last.write_bytes(b"not a checkpoint")
+    (tmp_path / "split/last.prev.pt").write_bytes(b"")
+    from model.engine.checkpoint import CheckpointError, load_latest_checkpoint
+
+    with pytest.raises(CheckpointError, match="last.pt.*previous one.*last.prev.pt"):
+        load_latest_checkpoint(last)

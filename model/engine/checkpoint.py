@@ -68,9 +68,18 @@ def to_plain(value: Any) -> Any:
     raise CheckpointError(f"cannot store a {type(value).__name__} ({value!r}) as a plain checkpoint value")
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+def previous_path(path: str | os.PathLike) -> str:
+    """Where ``save_checkpoint(keep_previous=True)`` keeps the checkpoint it replaced: ``last.pt`` -> ``last.prev.pt``."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.prev{ext or '.pt'}"
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict, keep_previous: bool = False) -> None:
     """Write ``state`` to ``path`` all-or-nothing (see the module docstring). Raises ``CheckpointError`` when
-    ``state`` holds objects that ``load_checkpoint`` would refuse; the old file is then left as it was."""
+    ``state`` holds objects that ``load_checkpoint`` would refuse; the old file is then left as it was.
+
+    ``keep_previous``: the file being replaced moves to ``previous_path(path)`` first (local paths), so a
+    checkpoint damaged on disk later still leaves one good one for ``load_latest_checkpoint``."""
     if not isinstance(state, dict):
         raise CheckpointError(f"a checkpoint state must be a dict, got {type(state).__name__}")
     path = os.fspath(path)
@@ -92,6 +101,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         _check_weights_only_safe(tmp, path)
+        if keep_previous and target.exists():
+            os.replace(target, previous_path(target))
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -157,6 +168,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(map(str, state)))})")
     return state
+
+
+def load_latest_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict, str]:
+    """(state, the file it came from): ``path``, or, when that is missing, truncated or corrupt, the previous
+    checkpoint ``save_checkpoint(keep_previous=True)`` kept, with one line on stderr naming the bad file and why.
+    ``CheckpointError`` naming both files when neither loads."""
+    import sys
+
+    try:
+        return load_checkpoint(path, map_location), os.fspath(path)
+    except CheckpointError as first:
+        prev = previous_path(path)
+        if not (_is_local(prev) and _local_path(prev).is_file()):
+            raise
+        try:
+            state = load_checkpoint(prev, map_location)
+        except CheckpointError as second:
+            raise CheckpointError(f"{first}; and the previous one: {second}") from None
+        print(f"warning: {first}; resuming from the previous checkpoint {prev} (epoch {state.get('epoch')})",
+              file=sys.stderr)
+        return state, prev
 
 
 def check_compatible(ckpt_args: Mapping[str, Any], expected: Mapping[str, Any],
