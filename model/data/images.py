@@ -15,9 +15,6 @@ in. ``SeededShuffleSampler`` does the same for the order: epoch ``e`` is the per
 from __future__ import annotations
 
 import io
-import multiprocessing
-import multiprocessing.context
-import multiprocessing.sharedctypes
 import os
 import posixpath
 from typing import Any, Callable, Iterator, Sequence
@@ -31,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from model.data.coco import CocoManifest, image_path
+from model.data.shared_epoch import SharedEpoch
 from pipeline.errors import Yt8mError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -199,36 +197,11 @@ def eval_transform(size: int = 448, mean: Sequence[float] = IMAGENET_MEAN,
 
 
 # -- datasets --------------------------------------------------------------------------------------------------
-class _SharedEpoch:
-    """An epoch counter in shared memory, so ``set_epoch`` in the main process reaches persistent workers."""
-
-    def _init_epoch(self) -> None:
-        self._epoch = multiprocessing.sharedctypes.RawValue("q", 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.value = int(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch.value)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        if multiprocessing.context.get_spawning_popen() is None:
-            state["_epoch"] = int(self._epoch.value)  # ordinary pickling: shared memory cannot travel
-        return state
-
-    def __setstate__(self, state):
-        if isinstance(state["_epoch"], int):
-            state["_epoch"] = multiprocessing.sharedctypes.RawValue("q", state["_epoch"])
-        self.__dict__.update(state)
-
-
 def _item_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
 
 
-class CocoImageDataset(_SharedEpoch, Dataset):
+class CocoImageDataset(SharedEpoch, Dataset):
     """The images of a ``CocoManifest`` as dicts ``image`` ((3, S, S) float32), ``labels`` ((K,) float32
     multi-hot), ``image_id`` and ``index``; an image that is missing or cannot be decoded gives
     ``{"broken": image_id, "reason": one-line message, "kind": ImageDecodeError kind, "index": i}`` instead.

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import multiprocessing
-import multiprocessing.context
-import multiprocessing.sharedctypes
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
@@ -26,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from model.data.shared_epoch import SharedEpoch
 from pipeline import shards as shard_io
 from pipeline.errors import Yt8mError
 
@@ -167,7 +165,7 @@ def _reader_index(rank: int | None, world_size: int | None) -> tuple[int, int, i
     return rank, world_size, worker, workers
 
 
-class ParquetVideoDataset(IterableDataset):
+class ParquetVideoDataset(SharedEpoch, IterableDataset):
     """Videos from Parquet shards as dicts ``x`` ((T, D) ndarray, storage dtype, T <= max_frames), ``labels``
     ((K,) float32 multi-hot), ``id``, ``num_frames`` (T), and the segment arrays when ``segment_labels``.
 
@@ -219,29 +217,7 @@ class ParquetVideoDataset(IterableDataset):
         self._check_shard(self.shards[0], info)
         self.feature_dims = {f: int(info.features[f]) for f in self.features}
         self.feature_dim = sum(self.feature_dims.values())
-        # Shared memory, so set_epoch() in the main process reaches persistent DataLoader workers.
-        self._epoch = multiprocessing.sharedctypes.RawValue("q", 0)
-
-    # -- epoch -------------------------------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle of ``epoch``; call before iterating (also works with persistent workers)."""
-        self._epoch.value = int(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch.value)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        if multiprocessing.context.get_spawning_popen() is None:
-            # Ordinary pickling (not handing the dataset to a starting worker): shared memory cannot travel.
-            state["_epoch"] = int(self._epoch.value)
-        return state
-
-    def __setstate__(self, state):
-        if isinstance(state["_epoch"], int):
-            state["_epoch"] = multiprocessing.sharedctypes.RawValue("q", state["_epoch"])
-        self.__dict__.update(state)
+        self._init_epoch()  # shared memory: set_epoch() in the main process reaches persistent workers
 
     # -- reading -----------------------------------------------------------------------------------------------
     def _check_shard(self, path: str, info) -> None:
