@@ -39,6 +39,7 @@ from model.networks.image_backbones import IMAGE_BACKBONES, build_image_backbone
 from model.networks.image_model import IMAGE_HEADS, SCALES, build_image_model
 from model.networks.losses import ClassBalancedBCE, label_frequencies
 from model.train_video import _tensorboard, write_json
+from pipeline.whitening import file_sha256
 
 # Flags a checkpoint must agree on before it can be resumed: they fix the architecture and the label order.
 ARCH_KEYS = ("head", "backbone", "scales", "reduce_dim", "num_classes", "label_map_sha256", "cma_attention",
@@ -163,18 +164,6 @@ def load_label_embeddings(args, label_lists, device, out_dir: Path):
         raise CheckpointError(f"label embeddings have {emb.shape[0]} classes; the annotations have "
                               f"{args.num_classes}")
     return emb
-
-
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    import fsspec
-
-    h = hashlib.sha256()
-    with fsspec.open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cached_map_loaders(args, backbone, train_set, val_set, device):

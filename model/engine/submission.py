@@ -107,7 +107,26 @@ def _parse_int(token: str, what: str, line_number: int) -> int:
 IMAGE_HEADER = "ImageId,LabelConfidencePairs"
 
 
-class ImagePredictionWriter:
+class _SubmissionWriter:
+    """A CSV target that is closed on ``close()`` when this writer opened it, else flushed; usable as ``with``."""
+
+    _file: Any
+    _owned: bool
+
+    def close(self) -> None:
+        if self._owned:
+            self._file.close()
+        else:
+            self._file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ImagePredictionWriter(_SubmissionWriter):
     """The image twin of the video submission: header ``ImageId,LabelConfidencePairs``, then one row per image, its
     COCO image id and space-separated ``category_id probability`` pairs for every class, in label-map order.
 
@@ -133,14 +152,8 @@ class ImagePredictionWriter:
             self._file.write(f"{image_id},{pairs}\n")
         self.images += len(image_ids)
 
-    def close(self) -> None:
-        if self._owned:
-            self._file.close()
-        else:
-            self._file.flush()
 
-
-class VideoPredictionWriter:
+class VideoPredictionWriter(_SubmissionWriter):
     """Writes the video-level submission batch by batch: header, then each video's top ``top_k`` classes.
 
     Args:
@@ -177,17 +190,6 @@ class VideoPredictionWriter:
             self._emit(f"{vid},{pairs}")
         self.videos += len(ids)
 
-    def close(self) -> None:
-        if self._owned:
-            self._file.close()
-        else:
-            self._file.flush()
-
-    def __enter__(self) -> "VideoPredictionWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def write_video_predictions(target: Any, ids: Sequence[Any], scores: Any, top_k: int = VIDEO_TOP_K) -> int:
