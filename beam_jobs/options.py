@@ -23,7 +23,6 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
                                                   StandardOptions)
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from pipeline.errors import Yt8mError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Each local worker process gets one BLAS thread: N single-threaded workers beat N workers fighting over cores.
@@ -132,15 +131,15 @@ def run_job(run: Callable[[Sequence[str] | None], object], argv: Sequence[str] |
     # Local workers' start-up chatter (e.g. "No semi_persistent_directory found") is relayed at WARNING.
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines, if anything imports it
+    from pipeline.storage import quiet_object_store_logs
+
+    quiet_object_store_logs()
     try:
         run(argv)
-    except Yt8mError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # an object store's network or credential failure: one line, not its traceback
-        from pipeline.storage import storage_error_line
+    except Exception as e:  # project errors, missing files, object-store failures: one line, not a traceback
+        from pipeline.storage import user_error_line
 
-        line = storage_error_line(e, sys.argv[1:] if argv is None else argv)
+        line = user_error_line(e, sys.argv[1:] if argv is None else argv)
         if line is None:
             raise
         print(line, file=sys.stderr)

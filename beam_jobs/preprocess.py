@@ -30,11 +30,17 @@ means two jobs for a training split (``--stage fit``, then ``--stage write``) an
 
 Reading does not use ``ReadFromTFRecord``, which fails the whole job on one corrupt record: matched files are read
 with ``pipeline.tfrecord`` (CRC32C-checked framing). Nothing is dropped silently; the invariant, checked in the
-summary, is ``read = written + dead_lettered`` where "read" counts every intact TFRecord payload plus every framing
-corruption found: a payload with a bad data CRC is one record, and a broken length field or a truncation, which
-ends the readable part of its file, counts as one record too. Frames past 300 are cut and counted
+summary, is ``read = written + dead_lettered + excluded`` where "read" counts every intact TFRecord payload plus
+every framing corruption found: a payload with a bad data CRC is one record, and a broken length field or a
+truncation, which ends the readable part of its file, counts as one record too. Frames past 300 are cut and counted
 (``truncated_frames``); rated segments that start past a video's last frame are kept in the shards (the official
 segment MAP counts them) and counted (``segments_past_end``); neither is dead-lettered.
+
+``--exclude-ids FILE`` (one video id per line, e.g. the ``--ids-out`` of ``python -m pipeline.split_overlap``) leaves
+those videos out of both passes, right after decoding: they shape neither the whitening nor the shards. The launcher
+copies the list to ``OUT/exclude_ids.txt`` (distinct ids, sorted), which the workers read as a side input
+(``ExcludeVideos`` says why not in the DoFn); pass 2 writes one line per video left out to ``OUT/excluded/``, from
+which the summary counts them ("excluded") and the listed ids no video had ("exclude_ids.never_seen").
 
 The summary is computed from the job's own outputs, not from Beam metrics (Dataflow reports them eventually
 consistently, other runners not at all): "written" and "written_frames" from the Parquet shards (footer row counts
@@ -47,10 +53,12 @@ lines carry each step's own time too (``stage_seconds``: read, decode, whiten, e
 Outputs: ``OUT/whitening.npz``, ``OUT/fit_summary.json``, ``OUT/shards/part-SSSSS-of-NNNNN.parquet``,
 ``OUT/dead_letter/dead-00000-of-00001.jsonl`` (always written, empty when every record was usable; one JSON object
 per line: source, position = byte offset of the record in its file, reason, message, id when known),
-``OUT/counts/counts-00000-of-00001.jsonl``, ``OUT/config.json`` (resolved flags of the latest run, written first;
-``fit_summary.json`` keeps those of the fit) and ``OUT/summary.json`` (counts, written last). A rerun into the same
-``OUT`` first deletes ``shards/``, ``dead_letter/``, ``counts/`` and ``summary.json`` (a fitting run also the old
-whitening and its fit summary), so old and new outputs never mix.
+``OUT/counts/counts-00000-of-00001.jsonl``, with ``--exclude-ids`` ``OUT/exclude_ids.txt`` and
+``OUT/excluded/excluded-00000-of-00001.jsonl`` (source, position, id per line), ``OUT/config.json`` (resolved flags
+of the latest run, written first; ``fit_summary.json`` keeps those of the fit) and ``OUT/summary.json`` (counts,
+written last). A rerun into the same ``OUT`` first deletes ``shards/``, ``dead_letter/``, ``counts/``,
+``excluded/``, ``exclude_ids.txt`` and ``summary.json`` (a fitting run also the old whitening and its fit summary),
+so old and new outputs never mix.
 """
 from __future__ import annotations
 
@@ -69,6 +77,8 @@ from typing import Callable, Iterator, Sequence
 import apache_beam as beam
 import fsspec
 import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io import filebasedsink, parquetio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
@@ -80,6 +90,7 @@ from beam_jobs import options as job_options
 from pipeline import shards
 from pipeline.errors import RecordError, TFRecordCorruption, Yt8mError
 from pipeline.records import FEATURE_DIMS, VideoRecord, decode_record, decode_sequence_example
+from pipeline.split_overlap import IdListError, read_id_list, write_id_list
 from pipeline.tfrecord import iter_records, read_records
 from pipeline.whitening import (RANK_RTOL, MomentAccumulator, WhiteningError, WhiteningSet, file_sha256,
                                 fit_whitening_set, parse_shrinkage)
@@ -88,6 +99,8 @@ METRICS_NAMESPACE = "yt8m_preprocess"  # pass 2: the counts the summary reports
 FIT_METRICS_NAMESPACE = "yt8m_preprocess_fit"  # pass 1 decodes the same records; kept apart so nothing counts twice
 DEAD_LETTER = "dead_letter"
 COUNTS = "counts"  # tag of the per-bundle count dicts (``BundleCounts``)
+EXCLUDED = "excluded"  # tag of the videos left out by --exclude-ids, and their directory under OUT
+EXCLUDE_IDS_FILE = "exclude_ids.txt"  # OUT's copy of the --exclude-ids list: distinct ids, sorted, one per line
 STAGES = ("all", "fit", "write")
 DEFAULT_COMBINE_FANOUT = 16
 # Our own dead-letter reasons on top of RecordError's: video-level means are floats and may hold NaN or inf;
@@ -129,6 +142,10 @@ class FitError(PreprocessError):
     """Pass 1 found too little valid data to fit a whitening."""
 
 
+class ExcludeIdsError(PreprocessError):
+    """The ``--exclude-ids`` file cannot be read or holds a line that is not one video id."""
+
+
 # -- configuration ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class JobConfig:
@@ -148,6 +165,7 @@ class JobConfig:
         num_shards: Parquet files to write; 0 lets the runner choose (no extra shuffle).
         stage: "all" (fit, then write), "fit" (pass 1 only) or "write" (pass 2 only).
         combine_fanout: intermediate keys of the moments combine; 0 or 1: none (one key merges everything).
+        exclude_ids: text file of video ids (one per line) whose videos are neither fitted nor written, or None.
     """
     input: str
     output: str
@@ -162,6 +180,7 @@ class JobConfig:
     shrinkage: str | float = "oas"
     stage: str = "all"
     combine_fanout: int = DEFAULT_COMBINE_FANOUT
+    exclude_ids: str | None = None
 
     @property
     def fits(self) -> bool:
@@ -246,6 +265,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--combine-fanout", type=int, default=DEFAULT_COMBINE_FANOUT,
                    help="intermediate keys of the fit's moments combine, so that no one worker merges the partial "
                         "moments of every bundle; 0 or 1: no fanout (default %(default)s)")
+    p.add_argument("--exclude-ids", default=None, metavar="FILE",
+                   help="text file of video ids, one per line ('#' comment lines and blank lines ignored; local or "
+                        "gs://), e.g. the --ids-out of python -m pipeline.split_overlap: those videos are left out "
+                        "of the whitening fit and of the shards, and counted in the summary")
     return p
 
 
@@ -278,7 +301,8 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
     return JobConfig(input=args.input, output=output, level=args.level,
                      features=features, pca_dims=pca_dims, whitening=whitening, dtype=args.dtype,
                      epsilon=args.epsilon, mode="zca" if args.zca else "pca", num_shards=args.num_shards,
-                     shrinkage=shrinkage, stage=args.stage, combine_fanout=args.combine_fanout)
+                     shrinkage=shrinkage, stage=args.stage, combine_fanout=args.combine_fanout,
+                     exclude_ids=args.exclude_ids)
 
 
 # -- file helpers (fsspec: local paths and gs:// alike) -----------------------------------------------------------
@@ -514,6 +538,76 @@ class ReadVideoRecords(beam.PTransform):
         dead = (framed[DEAD_LETTER], decoded[DEAD_LETTER]) | "MergeDeadLetters" >> beam.Flatten()
         counts = (framed[COUNTS], decoded[COUNTS]) | "MergeCounts" >> beam.Flatten()
         return decoded.videos, dead, counts
+
+
+def load_id_set(path: str) -> frozenset:
+    """The ids of an id list file as a set (the side input of ``ExcludeVideosFn``)."""
+    return frozenset(read_id_list(path))
+
+
+class ExcludeVideosFn(beam.DoFn):
+    """``(source, position, VideoRecord)`` -> the same element when its id is not excluded; tagged ``excluded``:
+    ``{"source", "position", "id"}`` per video left out; tagged ``counts``: ``excluded_records`` per bundle.
+
+    The excluded ids come as a side input (``process``'s ``excluded_ids``, a frozenset).
+
+    Args:
+        namespace: metrics namespace; counts ``excluded_records``.
+    """
+
+    def __init__(self, namespace: str = METRICS_NAMESPACE):
+        self.namespace = namespace
+
+    def setup(self):
+        self.excluded = Metrics.counter(self.namespace, "excluded_records")
+        self.counts = BundleCounts("exclude")
+
+    def start_bundle(self):
+        self.counts.reset()
+
+    def process(self, element, excluded_ids: frozenset) -> Iterator:
+        source, position, record = element
+        if record.id in excluded_ids:
+            self.excluded.inc()
+            self.counts.add("excluded_records")
+            yield beam.pvalue.TaggedOutput(EXCLUDED, {"source": source, "position": position, "id": record.id})
+            return
+        yield element
+
+    def finish_bundle(self):
+        yield from self.counts.emit()
+
+
+class ExcludeVideos(beam.PTransform):
+    """PCollection of ``(source, position, VideoRecord)`` -> ``(kept, excluded, counts)``: the videos whose id is
+    not in the id list at ``path``, the dicts of those that are, and the per-bundle counts (``ExcludeVideosFn``).
+
+    The ids reach the workers as a side input that one worker reads from ``path`` (``OUT/exclude_ids.txt``, which
+    Dataflow workers can read, unlike a file on the launching machine), not inside the DoFn's constructor: a
+    constructor argument is pickled into the job graph, and a million 11-character YouTube ids pickle to about
+    14 MB (10 MB compressed, more after base64), past Dataflow's 10 MB limit on the graph and close to its 20 MB
+    limit on the job request; the graph would also grow with every id. As a singleton side input the set is
+    materialized once by the runner, and the SDK keeps the decoded set in its state cache across bundles where the
+    runner hands out side-input cache tokens, as Dataflow's Runner v2 does (a million ids take about 100 MB in
+    memory: raise ``--max_cache_memory_usage_mb`` if workers log that side-input reads are slow).
+
+    Args:
+        path: the id list (one id per line; ``read_id_list``).
+        namespace: metrics namespace of ``ExcludeVideosFn``.
+    """
+
+    def __init__(self, path: str, namespace: str = METRICS_NAMESPACE):
+        super().__init__()
+        self.path, self.namespace = path, namespace
+
+    def expand(self, videos):
+        ids = (videos.pipeline
+               | "IdListPath" >> beam.Create([self.path])
+               | "ReadIdList" >> beam.Map(load_id_set))
+        kept = videos | "DropExcluded" >> beam.ParDo(
+            ExcludeVideosFn(self.namespace), excluded_ids=beam.pvalue.AsSingleton(ids)).with_outputs(
+            EXCLUDED, COUNTS, main="videos")
+        return kept.videos, kept[EXCLUDED], kept[COUNTS]
 
 
 class FeatureMoments:
@@ -759,10 +853,25 @@ class WriteShards(beam.PTransform):
         self.directory, self.schema, self.num_shards = directory, schema, num_shards
 
     def expand(self, rows):
-        return rows | "WriteParquet" >> beam.io.WriteToParquet(
+        write = beam.io.WriteToParquet(
             _join(self.directory, "part"), self.schema, file_name_suffix=".parquet", num_shards=self.num_shards,
             shard_name_template="-SSSSS-of-NNNNN", codec=shards.DEFAULT_COMPRESSION,
             row_group_buffer_size=ROW_GROUP_BYTES, record_batch_size=ROW_BATCH)
+        write._sink.__class__ = ShardParquetSink  # same state, our writer options
+        return rows | "WriteParquet" >> write
+
+
+class ShardParquetSink(parquetio._ParquetSink):
+    """Beam's Parquet sink opening its writer with ``pipeline.shards.writer_options``, as ``ShardWriter`` does.
+    Beam's own sink (2.77) passes only the codec: its shards had no page checksums, so a flipped byte in their frames
+    read back as silently different frames (tests/test_faults.py)."""
+
+    def open(self, temp_path):
+        self._file_handle = filebasedsink.FileBasedSink.open(self, temp_path)
+        return pq.ParquetWriter(self._file_handle, self._schema,
+                                use_deprecated_int96_timestamps=self._use_deprecated_int96_timestamps,
+                                use_compliant_nested_type=self._use_compliant_nested_type,
+                                **shards.writer_options(self._schema, self._codec))
 
 
 def _json_line(value: dict) -> str:
@@ -776,6 +885,7 @@ class WriteCounts(beam.PTransform):
     Args:
         directory: the ``counts`` directory.
     """
+    prefix = "counts"
 
     def __init__(self, directory: str):
         super().__init__()
@@ -784,8 +894,18 @@ class WriteCounts(beam.PTransform):
     def expand(self, counts):
         return (counts
                 | "ToJson" >> beam.Map(_json_line)
-                | "WriteJsonl" >> beam.io.WriteToText(_join(self.directory, "counts"), file_name_suffix=".jsonl",
+                | "WriteJsonl" >> beam.io.WriteToText(_join(self.directory, self.prefix), file_name_suffix=".jsonl",
                                                       num_shards=1, shard_name_template="-SSSSS-of-NNNNN"))
+
+
+class WriteExcluded(WriteCounts):
+    """PCollection[dict] of ``ExcludeVideosFn`` -> ``DIR/excluded/excluded-00000-of-00001.jsonl``, one JSON line
+    (source, position, id) per video left out; written even when empty.
+
+    Args:
+        directory: the ``excluded`` directory.
+    """
+    prefix = "excluded"
 
 
 def moments_combine(cfg: JobConfig, blas_threads: int | None = 1) -> beam.PTransform:
@@ -802,10 +922,13 @@ def moments_combine(cfg: JobConfig, blas_threads: int | None = 1) -> beam.PTrans
 def build_fit_pipeline(p: beam.Pipeline, cfg: JobConfig, paths: Sequence[str], moments_path: str,
                        blas_threads: int | None = 1) -> None:
     """Pass 1: TFRecords -> per-feature moments -> ``moments_path``. Unusable records are only counted here
-    (pass 2 writes them to the dead letter), so a failed fit can say why."""
+    (pass 2 writes them to the dead letter), so a failed fit can say why; so are the videos ``--exclude-ids`` leaves
+    out, which must not shape the statistics the kept videos are whitened with."""
     videos, unusable, _ = p | "ReadVideos" >> ReadVideoRecords(paths, cfg.level, cfg.features,
                                                                FIT_METRICS_NAMESPACE)
     _ = unusable | "CountUnusable" >> beam.ParDo(FormatDeadLetterFn(FIT_METRICS_NAMESPACE))
+    if cfg.exclude_ids is not None:
+        videos, _, _ = videos | "ExcludeIds" >> ExcludeVideos(cfg.path(EXCLUDE_IDS_FILE), FIT_METRICS_NAMESPACE)
     _ = (videos
          | "FeatureMoments" >> moments_combine(cfg, blas_threads)
          | "SaveMoments" >> beam.Map(save_moments, moments_path))
@@ -813,8 +936,13 @@ def build_fit_pipeline(p: beam.Pipeline, cfg: JobConfig, paths: Sequence[str], m
 
 def build_write_pipeline(p: beam.Pipeline, cfg: JobConfig, paths: Sequence[str], whitening_path: str, schema,
                          has_segments: bool, blas_threads: int | None = 1) -> None:
-    """Pass 2: TFRecords -> whitened Parquet shards + dead letters + per-bundle counts."""
+    """Pass 2: TFRecords -> whitened Parquet shards + dead letters + per-bundle counts, and with ``--exclude-ids``
+    the videos left out (``OUT/excluded/``, one JSON line each, written even when empty)."""
     videos, unreadable, read_counts = p | "ReadVideos" >> ReadVideoRecords(paths, cfg.level, cfg.features)
+    if cfg.exclude_ids is not None:
+        videos, excluded, exclude_counts = videos | "ExcludeIds" >> ExcludeVideos(cfg.path(EXCLUDE_IDS_FILE))
+        _ = excluded | "WriteExcluded" >> WriteExcluded(cfg.path(EXCLUDED))
+        read_counts = (read_counts, exclude_counts) | "ReadAndExcludeCounts" >> beam.Flatten()
     whitened = videos | "Whiten" >> beam.ParDo(WhitenVideoFn(
         whitening_path, cfg.features, cfg.dtype, has_segments, blas_threads=blas_threads)).with_outputs(
         DEAD_LETTER, COUNTS, main="rows")
@@ -895,6 +1023,24 @@ def detect_segments(paths: Sequence[str], level: str, max_files: int = 4, max_re
     return False
 
 
+def read_exclude_ids(cfg: JobConfig) -> list[str] | None:
+    """The distinct ids of ``--exclude-ids`` (None without the flag); raises ``ExcludeIdsError``."""
+    if cfg.exclude_ids is None:
+        return None
+    try:
+        return read_id_list(cfg.exclude_ids)
+    except IdListError as e:
+        raise ExcludeIdsError(f"--exclude-ids: {e}") from None
+    except OSError as e:
+        raise ExcludeIdsError(f"--exclude-ids: cannot read {cfg.exclude_ids} ({e})") from None
+
+
+def exclusion_sha256(cfg: JobConfig) -> str | None:
+    """The sha256 of ``OUT/exclude_ids.txt`` (sorted distinct ids, so the same set gives the same hash whatever the
+    order, repeats and comments of the file it came from), or None when this run excludes nothing."""
+    return file_sha256(cfg.path(EXCLUDE_IDS_FILE)) if cfg.exclude_ids is not None else None
+
+
 def prepare_output(cfg: JobConfig) -> None:
     """Remove what a previous run left that this run rewrites or makes stale: the pass-2 outputs always (a new
     whitening invalidates old shards too), the whitening and its fit summary when this run fits."""
@@ -902,7 +1048,7 @@ def prepare_output(cfg: JobConfig) -> None:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if "file" in protocols:  # object stores have no directories (and gcsfs would try to create a bucket)
         fs.makedirs(root, exist_ok=True)
-    parts = ["summary.json", "shards", "dead_letter", "counts", "moments.npz"]
+    parts = ["summary.json", "shards", "dead_letter", "counts", "moments.npz", EXCLUDED, EXCLUDE_IDS_FILE]
     if cfg.fits:
         parts += ["whitening.npz", "fit_summary.json"]
     for part in parts:
@@ -927,7 +1073,9 @@ def fit_pass(cfg: JobConfig, paths: Sequence[str], opts: PipelineOptions,
         else:
             prefix = "dead_lettered_"
             why = ", ".join(f"{k[len(prefix):]} {v}" for k, v in sorted(metrics.items()) if k.startswith(prefix))
-            found = f"in {metrics.get('read_records', 0)} records (unusable: {why or 'none'})"
+            excluded = (f"; excluded by --exclude-ids: {metrics.get('excluded_records', 0)}"
+                        if cfg.exclude_ids is not None else "")
+            found = f"in {metrics.get('read_records', 0)} records (unusable: {why or 'none'}{excluded})"
         raise FitError(f"pass 1 found {min(frames.values())} usable frames {found} of {len(paths)} files; a "
                        f"whitening needs at least 2 frames; check --input and --level")
     blas = _BlasLimit(1)  # a 1024-d eigh gains little from threads and loses badly on a busy machine
@@ -945,6 +1093,8 @@ def fit_pass(cfg: JobConfig, paths: Sequence[str], opts: PipelineOptions,
     warnings = [f"{name}: kept {k['kept']} of {k['requested']} components ({k['why']})"
                 for name, k in kept.items() if k["kept"] < k["requested"]]
     fit = {"fitted": True, "frames": frames, "warnings": warnings, "components": kept,
+           # which videos the fit left out, so that a later --stage write can tell whether it leaves out the same
+           "excluded_ids_sha256": exclusion_sha256(cfg),
            "explained_variance": {name: float(ws[name].explained_variance_ratio.sum()) for name in ws.names}}
     return fit, metrics
 
@@ -1000,7 +1150,8 @@ def _glob(directory: str, pattern: str) -> tuple[object, list[str]]:
 
 def output_counts(cfg: JobConfig) -> dict:
     """Counts read back from pass 2's outputs: rows in the Parquet footers and frames in their ``num_frames``
-    column, dead-letter lines by reason, and the per-bundle count lines summed (``BundleCounts``)."""
+    column, dead-letter lines by reason, the per-bundle count lines summed (``BundleCounts``), and with
+    ``--exclude-ids`` the lines of ``excluded/`` against the ids of ``exclude_ids.txt``."""
     import pyarrow.parquet as pq
 
     fs, paths = _glob(cfg.path("shards"), "*.parquet")
@@ -1031,8 +1182,23 @@ def output_counts(cfg: JobConfig) -> dict:
                     for key, value in json.loads(line).items():
                         if key != "step":
                             counted[key] = counted.get(key, 0) + value
+    excluded_rows, excluded_ids = 0, set()
+    fs, paths = _glob(cfg.path(EXCLUDED), "*.jsonl")
+    for path in paths:
+        with fs.open(path, "r") as f:
+            for line in f:
+                if line.strip():
+                    excluded_rows += 1
+                    excluded_ids.add(json.loads(line)["id"])
+    exclude_list = None
+    if cfg.exclude_ids is not None:
+        listed = read_id_list(cfg.path(EXCLUDE_IDS_FILE))
+        never_seen = sorted(set(listed) - excluded_ids)
+        exclude_list = {"file": cfg.exclude_ids, "ids": len(listed), "sha256": exclusion_sha256(cfg),
+                        "matched": len(excluded_ids), "never_seen": len(never_seen),
+                        "never_seen_examples": never_seen[:5]}
     return {"written": written, "written_frames": frames, "dead_lettered": dict(sorted(dead.items())),
-            "counted": counted, "count_lines": lines,
+            "counted": counted, "count_lines": lines, "excluded": excluded_rows, "exclude_ids": exclude_list,
             # the same video id in several records (e.g. input files listed twice, or overlapping splits merged):
             # written as they came, and reported, since which copy is right is the user's call
             "duplicate_ids": {"ids": len(repeated), "extra_rows": sum(n - 1 for n in repeated.values()),
@@ -1045,6 +1211,11 @@ SOURCES = {
     "written": "shards/*.parquet: row counts in the Parquet footers",
     "written_frames": "shards/*.parquet: sum of the num_frames column",
     "dead_lettered": "dead_letter/*.jsonl: lines by reason",
+    "excluded": "excluded/*.jsonl: lines, one per video left out by --exclude-ids (0 without the flag)",
+    "exclude_ids": "exclude_ids.txt (the --exclude-ids list: distinct ids, sorted) against the ids of "
+                   "excluded/*.jsonl: ids listed, matched by a video, never seen among the decoded videos",
+    "fit_exclusion_matches": "excluded_ids_sha256 of the fit (whitening) against the sha256 of this run's "
+                             "exclude_ids.txt; null when this job reused a whitening it did not fit",
     "duplicate_ids": "shards/*.parquet: ids written more than once (count, extra rows, up to 5 examples)",
     "truncated_records, truncated_frames, segments_past_end": "counts/*.jsonl: the decode step's lines, summed",
     "unwritten_segment_records": "counts/*.jsonl: the whiten step's lines, summed",
@@ -1063,11 +1234,16 @@ def summarize(cfg: JobConfig, outputs: dict, metrics: dict | None, paths: Sequen
     """The run's summary: what was read, written and dead-lettered, and why, from ``output_counts``."""
     counted = outputs["counted"]
     dead = outputs["dead_lettered"]
-    read, written = int(counted.get("read_records", 0)), outputs["written"]
+    read, written, excluded = int(counted.get("read_records", 0)), outputs["written"], outputs["excluded"]
+    exclusion = outputs["exclude_ids"]
+    fit_matches = None
+    if whitening.get("fitted") and "excluded_ids_sha256" in whitening:
+        fit_matches = whitening["excluded_ids_sha256"] == (exclusion["sha256"] if exclusion else None)
     summary = {
         "stage": cfg.stage, "input": cfg.input, "output": cfg.output, "files": len(paths),
         "read": read, "written": written, "dead_lettered": dead, "dead_lettered_total": sum(dead.values()),
-        "invariant_holds": read == written + sum(dead.values()),
+        "excluded": excluded, "exclude_ids": exclusion, "fit_exclusion_matches": fit_matches,
+        "invariant_holds": read == written + sum(dead.values()) + excluded,
         "written_frames": outputs["written_frames"],
         "duplicate_ids": outputs["duplicate_ids"],
         **{key: int(counted.get(key, 0)) for key in _COUNTED},
@@ -1084,6 +1260,7 @@ def summarize(cfg: JobConfig, outputs: dict, metrics: dict | None, paths: Sequen
     }
     if metrics is not None:
         expected = {"read_records": read, "written_records": written, "written_frames": summary["written_frames"],
+                    "excluded_records": excluded,
                     **{key: summary[key] for key in _COUNTED},
                     **{f"dead_lettered_{reason}": n for reason, n in dead.items()}}
         reported = {k: v for k, v in metrics.items() if v or k in expected}
@@ -1103,6 +1280,18 @@ def format_summary(s: dict) -> str:
         f"  whitening {s['whitening']['sha256'][:12]} dims {s['whitening']['feature_dims']}",
     ]
     lines += [f"  NOTE: {w}" for w in s["whitening"].get("warnings", [])]
+    exclusion = s.get("exclude_ids")
+    if exclusion:
+        line = (f"  excluded by --exclude-ids: {s['excluded']} videos ({exclusion['matched']} of the "
+                f"{exclusion['ids']} listed ids)")
+        if exclusion["never_seen"]:
+            n = exclusion["never_seen"]
+            line += (f"; {n} listed id{'' if n == 1 else 's'} never appeared, e.g. "
+                     f"{', '.join(exclusion['never_seen_examples'])}")
+        lines.append(line)
+    if s.get("fit_exclusion_matches") is False:
+        lines.append("  WARNING: the whitening was fitted with another --exclude-ids list than this run's (either may "
+                     "be none): videos left out of the shards may have shaped its statistics, or written ones not")
     if s["unwritten_segment_records"]:
         lines.append(f"  WARNING: {s['unwritten_segment_records']} records carry segment ratings that were not "
                      f"written (the first records had none, so the shards have no segment columns)")
@@ -1112,7 +1301,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"  WARNING: {dup['ids']} video ids occur in more than one record ({dup['extra_rows']} extra "
                      f"rows written), e.g. {examples}")
     if not s["invariant_holds"]:
-        lines.append("  WARNING: read != written + dead-lettered; some records are unaccounted for")
+        lines.append("  WARNING: read != written + dead-lettered + excluded; some records are unaccounted for")
     if not s["shards_complete"]:
         lines.append("  WARNING: the shards hold fewer or more rows than the whiten step counted")
     if s["metrics_agree"] is False:
@@ -1145,7 +1334,11 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
     paths = match_input(cfg.input)
     if cfg.whitening is not None:
         load_whitening_for(cfg.whitening, cfg)  # fail before touching OUT
+    exclude_ids = read_exclude_ids(cfg)  # read before prepare_output, which deletes an earlier OUT/exclude_ids.txt
     prepare_output(cfg)
+    if exclude_ids is not None:
+        # the pipelines read this copy: Dataflow workers reach OUT, not the launching machine's files
+        write_id_list(cfg.path(EXCLUDE_IDS_FILE), sorted(exclude_ids))
     config = {**asdict(cfg), "runner": job_options.runner_name(opts), "beam_version": beam.__version__,
               "input_files": len(paths), "beam_options": opts.get_all_options(drop_default=True)}
     _write_text(cfg.path("config.json"), json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")

@@ -87,7 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_model(checkpoint: str, device: torch.device):
     """Rebuild the model a checkpoint was trained with; returns (model, its training args)."""
-    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")  # also checks the archive's CRC-32s
     a = ckpt.get("args")
     if not isinstance(a, dict) or "head" not in a:
         raise CheckpointError(f"{checkpoint} is not a model.train_video checkpoint (no training args)")

@@ -27,10 +27,9 @@ from tqdm import tqdm
 from model.data.coco import read_coco
 from model.data.images import CocoImageDataset, eval_transform, make_image_loader, train_transform
 from model.data.video import DataError
-from model.engine.checkpoint import (CheckpointError, capture_rng_state, check_compatible, load_checkpoint,
-                                     load_latest_checkpoint,
-                                     restore_rng_state, save_checkpoint, to_plain)
-from model.engine.device import resolve_device
+from model.engine.checkpoint import (CheckpointError, capture_rng_state, check_compatible, load_latest_checkpoint,
+                                     restore_rng_state, save_epoch, to_plain, write_json)
+from model.engine import distributed
 from model.engine.image_inference import BrokenImages, batch_size_of, forward_batch, predict_images
 from model.metrics.image import ImageMetrics
 from model.networks import asge
@@ -38,7 +37,7 @@ from model.networks.heads import CMA_ATTENTION, init_bias_to_prior
 from model.networks.image_backbones import IMAGE_BACKBONES, build_image_backbone
 from model.networks.image_model import IMAGE_HEADS, SCALES, build_image_model
 from model.networks.losses import ClassBalancedBCE, label_frequencies
-from model.train_video import _tensorboard, write_json
+from model.train_video import _tensorboard
 from pipeline.whitening import file_sha256
 
 # Flags a checkpoint must agree on before it can be resumed: they fix the architecture and the label order.
@@ -87,7 +86,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.0, help="class-balance exponent of Eq. 12 (paper, COCO: 0)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=60, help="the paper gives none")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="global batch: all torchrun processes together (a multiple of their number)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds any torchrun collective may wait before the job fails")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
@@ -104,42 +106,85 @@ def build_optimizer(args, params):
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, device, epoch, writer=None, step=0):
+def _rank_batches(loader, steps: int, empty: dict):
+    """``steps`` batches: the loader's, then ``empty`` ones once this rank's share of the epoch is used up (its
+    last global batch can hold fewer images than there are ranks)."""
+    it = iter(loader)
+    for _ in range(steps):
+        yield next(it, empty)
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, ctx, epoch, writer=None, step=0, global_batch=None,
+                    num_images=None, image_size=448):
+    """One pass over the training images. Under torchrun each rank's loss is its share of the global batch mean
+    (as ``model.train_video.train_one_epoch``), and every rank runs the same ``ceil(images / global batch)``
+    steps, forward and backward even on an empty share, since batch norm and the gradient all-reduce need all."""
     model.train()
+    device = ctx.device
     total, count, broken = 0.0, 0, BrokenImages()
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
-               disable=not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None)
+    batches = loader
+    if ctx.distributed:
+        empty = {"image": torch.zeros(0, 3, image_size, image_size), "broken": []}
+        batches = _rank_batches(loader, math.ceil(num_images / global_batch), empty)
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
+               disable=not ctx.is_main or (not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None))
     t0 = time.perf_counter()
     for batch in bar:
         broken.add(batch.get("broken", []))
-        if batch_size_of(batch) == 0:
+        n_local = batch_size_of(batch)
+        n_global = distributed.all_reduce_sum(n_local, ctx)
+        if n_global == 0:
             continue
-        y = batch["labels"].to(device, non_blocking=True)
+        if n_local == 0:  # no decodable image here: run the model on nothing, with the right size
+            batch = {"image": torch.zeros(0, 3, image_size, image_size)}
         logits = forward_batch(model, batch, device)
-        loss = loss_fn(logits.float(), y)
+        if n_local:
+            local = loss_fn(logits.float(), batch["labels"].to(device, non_blocking=True))
+        else:
+            local = logits.float().sum() * 0.0
+        loss = distributed.share_of_global_mean(local, n_local, n_global, ctx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        total += loss.item() * y.shape[0]
-        count += y.shape[0]
-        bar.set_postfix(loss=f"{loss.item():.4f}", images_s=f"{count / max(time.perf_counter() - t0, 1e-9):.1f}")
+        total += local.item() * n_local
+        count += n_local
+        bar.set_postfix(loss=f"{local.item():.4f}",
+                        images_s=f"{count * ctx.world_size / max(time.perf_counter() - t0, 1e-9):.1f}")
         if writer is not None:
-            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/loss", local.item(), step)
             writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+    total, count = distributed.all_reduce_sum(total, ctx), int(distributed.all_reduce_sum(count, ctx))
+    broken = _merge_broken(broken, ctx)
     if count == 0:
         raise DataError("the training images yielded no batch (every image unreadable?)")
     return {"loss": total / count, "images": count, "images_per_s": count / max(time.perf_counter() - t0, 1e-9),
             "broken_images": broken.count}, step, broken
 
 
-def evaluate(model, loader, device, num_classes):
-    """The Table 1 block of ``model`` on ``loader``'s images, and the images that could not be read."""
-    metrics, broken, seen = ImageMetrics(num_classes), BrokenImages(), 0
+def _merge_broken(broken: BrokenImages, ctx) -> BrokenImages:
+    """Every rank's unreadable images, on every rank."""
+    if not ctx.distributed:
+        return broken
+    merged = BrokenImages()
+    for part in distributed.all_gather_objects(broken, ctx):
+        merged.merge(part)
+    return merged
+
+
+def evaluate(model, loader, device, num_classes, ctx=None):
+    """The Table 1 block of ``model`` on ``loader``'s images, and the images that could not be read. Under torchrun
+    each rank scores its share and the accumulators merge exactly (``ImageMetrics.merge``)."""
+    metrics, broken = ImageMetrics(num_classes), BrokenImages()
     for keys, probs, labels in predict_images(model, loader, device, broken):
         metrics.update(probs, labels)
-        seen += len(keys)
-    if seen == 0:
+    if ctx is not None and ctx.distributed:
+        parts = distributed.all_gather_objects(metrics, ctx)
+        metrics = ImageMetrics(num_classes)
+        for part in parts:
+            metrics.merge(part)
+        broken = _merge_broken(broken, ctx)
+    if metrics.num_images == 0:
         raise DataError("the evaluation images yielded no image (every image unreadable?)")
     return metrics.compute(), broken
 
@@ -196,10 +241,24 @@ def cached_map_loaders(args, backbone, train_set, val_set, device):
 
 
 def main(args) -> dict:
+    """Train; under torchrun (``WORLD_SIZE`` > 1) as one rank of a data-parallel job (``model.engine.distributed``:
+    --batch-size is the global batch, batch norms synchronized, only rank 0 writes)."""
+    return distributed.run(_train, args)
+
+
+def _train(args, ctx) -> dict:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
+    device = ctx.device
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    if ctx.distributed and args.batch_size % ctx.world_size:
+        raise distributed.DistributedError(f"--batch-size {args.batch_size} (the global batch) must be a multiple "
+                                           f"of the {ctx.world_size} processes")
+    if ctx.distributed and args.cache_features:
+        raise distributed.DistributedError("--cache-features trains in one process (its cached head is cheap); "
+                                           "run without torchrun, or without --cache-features")
     if (args.val_ann is None) != (args.val_images is None):
         raise DataError("--val-ann and --val-images go together")
     train_set = read_coco(args.train_ann, args.train_images, keep_empty=args.keep_empty)
@@ -209,20 +268,26 @@ def main(args) -> dict:
     args.task = "image"
     args.num_classes = len(label_map.category_ids)
     args.label_map_sha256 = label_map.sha256
-    print(f"train: {len(train_set.images)} images ({train_set.dropped_empty} without annotations dropped)"
+    say(f"train: {len(train_set.images)} images ({train_set.dropped_empty} without annotations dropped)"
           + (f"; val: {len(val_set.images)} ({val_set.dropped_empty} dropped)" if val_set else ""))
 
     ckpt = None
     if args.resume:
-        ckpt, _ = load_latest_checkpoint(out / "last.pt")
+        ckpt, resumed_from = load_latest_checkpoint(out / "last.pt")
         check_compatible(ckpt["args"], vars(args), ARCH_KEYS)
     # on --resume the checkpoint holds every weight: no backbone file is read
     backbone = (build_image_backbone(args.backbone, random_init=True) if ckpt is not None else
                 build_image_backbone(args.backbone, weights=args.backbone_weights, random_init=args.random_init))
     label_emb = None
     if args.head == "cma":
-        label_emb = (ckpt["model"]["heads.0.label_embeddings"] if ckpt is not None
-                     else load_label_embeddings(args, train_set.label_lists(), device, out))
+        if ckpt is not None:
+            label_emb = ckpt["model"]["heads.0.label_embeddings"]
+        elif ctx.distributed and not args.label_emb:  # ASGE fitted once, by rank 0
+            label_emb = distributed.broadcast_object(
+                load_label_embeddings(args, train_set.label_lists(), device, out).cpu() if ctx.is_main else None,
+                ctx)
+        else:
+            label_emb = load_label_embeddings(args, train_set.label_lists(), device, out)
     model = build_image_model(args, backbone, label_embeddings=label_emb).to(device)
     if ckpt is not None:  # before the map cache: a cache built on resume must see the trained, not random, weights
         model.load_state_dict(ckpt["model"])
@@ -238,9 +303,11 @@ def main(args) -> dict:
         train_loader, val_loader = cached_map_loaders(args, backbone, train_set, val_set, device)
     else:
         mean, std = backbone.mean, backbone.std
+        # each rank takes every world_size-th image of the epoch's order, batch_size / world_size at a time:
+        # together exactly the global batch one process would take
         train_loader = make_image_loader(CocoImageDataset(train_set, train_transform(args.image_size, mean, std)),
-                                         batch_size=args.batch_size, shuffle=True, workers=args.workers,
-                                         seed=args.seed)
+                                         batch_size=args.batch_size // ctx.world_size, shuffle=True,
+                                         workers=args.workers, seed=args.seed)
         val_loader = (make_image_loader(CocoImageDataset(val_set, eval_transform(args.image_size, mean, std)),
                                         batch_size=args.batch_size, shuffle=False, workers=args.workers)
                       if val_set else None)
@@ -252,23 +319,28 @@ def main(args) -> dict:
         start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_metric"]
         history = ckpt.get("history", [])
         restore_rng_state(ckpt["rng"])
-        print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
-    write_json(out / "config.json", {k: v for k, v in sorted(vars(args).items())})
+        say(f"resumed from {resumed_from} at epoch {start_epoch}")
+    # net: the bare model (checkpoints, evaluation). EfficientNet-Lite0 keeps its ImageNet classifier, which no
+    # multi-label loss reaches: DistributedDataParallel must be told not to wait for its gradients.
+    net, model = model, distributed.wrap_model(model, ctx, find_unused_parameters=True)
+    if ctx.is_main:
+        write_json(out / "config.json", {k: v for k, v in sorted(vars(args).items())})
 
-    writer = _tensorboard(out)
+    writer = _tensorboard(out) if ctx.is_main else None
     for epoch in range(start_epoch, args.epochs):
         (train_loader if hasattr(train_loader, "set_epoch") else train_loader.sampler).set_epoch(epoch)
-        stats, step, broken = train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch, writer, step)
+        stats, step, broken = train_one_epoch(model, train_loader, loss_fn, optimizer, ctx, epoch, writer, step,
+                                              args.batch_size, len(train_set.images), args.image_size)
         scheduler.step()
-        if broken.count:
+        if broken.count and ctx.is_main:
             print(broken.line("training"), file=sys.stderr)
         record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": v for k, v in stats.items()}}
         if val_loader is not None:
-            val, vbroken = evaluate(model, val_loader, device, args.num_classes)
+            val, vbroken = evaluate(net, val_loader, device, args.num_classes, ctx)
             record.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, list)})
             record["val_broken_images"] = vbroken.count
-            if vbroken.count:
+            if vbroken.count and ctx.is_main:
                 print(vbroken.line("validation"), file=sys.stderr)
             if writer is not None:
                 for k in ("map", "cf1", "of1"):
@@ -277,15 +349,14 @@ def main(args) -> dict:
         is_best = metric > best
         best = max(best, metric)
         history.append(record)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best_metric": best,
-                 "args": to_plain(vars(args)), "rng": capture_rng_state(), "label_map": label_map.to_plain(),
-                 "history": to_plain(history)}
-        save_checkpoint(out / "last.pt", state, keep_previous=True)
-        if is_best:
-            save_checkpoint(out / "best.pt", state)
-        write_json(out / "metrics.json", {"epochs": history, "best_val_map": best if val_loader else None})
-        print(_epoch_line(record))
+        if ctx.is_main:
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best_metric": best,
+                     "args": to_plain(vars(args)), "rng": capture_rng_state(), "label_map": label_map.to_plain(),
+                     "history": to_plain(history)}
+            save_epoch(out, state, {"epochs": history, "best_val_map": best if val_loader else None}, is_best)
+            print(_epoch_line(record))
+        distributed.barrier(ctx)  # no rank runs ahead of rank 0's checkpoint
     if writer is not None:
         writer.close()
     return history[-1] if history else {}

@@ -33,9 +33,11 @@ from tqdm import tqdm
 from model.networks import asge
 from model.engine.checkpoint import (CheckpointError, capture_rng_state, check_compatible, load_checkpoint,
                                      load_latest_checkpoint,
-                              restore_rng_state, save_checkpoint, to_plain)
+                              restore_rng_state, save_epoch, to_plain, write_json)
+from model.data.global_batches import DEFAULT_STREAMS, iter_steps, make_global_loader
 from model.data.video import DataError, dataset_summary, make_loader
-from model.engine.device import autocast, resolve_device
+from model.engine import distributed
+from model.engine.device import autocast
 from model.networks.losses import ClassBalancedBCE, label_frequencies
 from model.metrics.video import VideoMetrics
 from model.engine.segments import rated_segment_map, read_segment_ratings, segment_training_examples
@@ -109,8 +111,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-decay-samples", type=float, default=2e6)
     p.add_argument("--beta", type=float, default=0.0, help="class-balance exponent of Eq. 12 (paper, video: 0)")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--shuffle-buffer", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="global batch: all torchrun processes together; schedules count global samples")
+    p.add_argument("--shuffle-buffer", type=int, default=2048, help="videos buffered for shuffling, all streams")
+    p.add_argument("--data-streams", type=int, default=DEFAULT_STREAMS,
+                   help="training data streams (model.data.global_batches): batches depend on the seed and this, "
+                        "not on process or worker counts; must be >= processes x workers")
+    p.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds any torchrun collective may wait before the job fails")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0)
@@ -142,68 +150,94 @@ def build_scheduler(args, optimizer):
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=steps_per_decay, gamma=args.lr_decay)
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch, args, writer=None, step=0):
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ctx, epoch, args, writer=None, step=0):
+    """One pass over the training data, one optimizer step per global batch (``model.data.global_batches``).
+
+    Each rank's loss is the sum over its examples divided by the global example count, times the world size
+    (DistributedDataParallel averages gradients over ranks), so every step is the step one process would take on
+    the whole global batch. A rank with no example in a step still runs forward and backward (on nothing), because
+    the gradient all-reduce and the batch norm statistics need every rank.
+    """
     model.train()
+    device = ctx.device
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
-               disable=not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None)
+    steps = loader.dataset.steps_in_epoch(epoch)
+    if args.max_steps_per_epoch is not None:
+        steps = min(steps, args.max_steps_per_epoch)
+    bar = tqdm(iter_steps(loader), total=steps, desc=f"epoch {epoch}", unit="batch", leave=False,
+               dynamic_ncols=True,
+               disable=not ctx.is_main or (not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None))
     t0 = time.perf_counter()
     for i, batch in enumerate(bar):
-        if args.max_steps_per_epoch is not None and i >= args.max_steps_per_epoch:
+        if i >= steps:
             break
         ignore = None
         if args.segment_labels:
             ex = segment_training_examples(batch, args.num_classes)
-            if ex.x.shape[0] == 0:  # no rated segment in this batch
-                continue
             x, mask = ex.x.to(device), ex.mask.to(device)
             y, ignore = ex.targets.to(device), ex.ignore.to(device)
         else:
             x = batch["x"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
             y = batch["labels"].to(device, non_blocking=True)
+        n_local = x.shape[0]
+        n_global = distributed.all_reduce_sum(n_local, ctx)
+        if n_global == 0:  # no rated segment in this step's batch, on any rank
+            continue
         with autocast(device):
             logits = model(x, mask)
-        loss = loss_fn(logits.float(), y, ignore)
+        local = loss_fn(logits.float(), y, ignore) if n_local else logits.float().sum() * 0.0
+        loss = distributed.share_of_global_mean(local, n_local, n_global, ctx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         step += 1
-        total += loss.item() * x.shape[0]
-        count += x.shape[0]
-        rate = count / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+        total += local.item() * n_local
+        count += n_local
+        rate = count * ctx.world_size / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(loss=f"{local.item():.4f}", samples_s=f"{rate:.0f}")
         if writer is not None:
-            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/loss", local.item(), step)
             writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+    total, count = distributed.all_reduce_sum(total, ctx), int(distributed.all_reduce_sum(count, ctx))
     if count == 0:
         raise DataError(f"the training data yielded no batch: {args.train}")
     return {"loss": total / count, "samples": count,
             "samples_per_s": count / max(time.perf_counter() - t0, 1e-9)}, step
 
 
-def evaluate(model, loader, device, num_classes):
+def evaluate(model, loader, device, num_classes, ctx=None):
+    """Validation metrics. Under torchrun each rank scores its part of the split and the accumulators merge
+    exactly (``VideoMetrics.merge``), so every rank gets the numbers one process would."""
     from model.evaluate import predict  # local: model.evaluate is an entry point of its own
 
     model.eval()
-    metrics = VideoMetrics(num_classes)
-    seen = 0
+    distributed_run = ctx is not None and ctx.distributed
+    metrics = VideoMetrics(num_classes, exact_limit=None) if distributed_run else VideoMetrics(num_classes)
     for ids, scores, labels in predict(model, loader, device):
         metrics.update(scores, labels)
-        seen += len(ids)
-    if seen == 0:
+    if distributed_run:
+        parts = distributed.all_gather_objects(metrics, ctx)
+        metrics = VideoMetrics(num_classes)
+        for part in parts:
+            metrics.merge(part)
+    if metrics.num_videos == 0:
         raise DataError("the evaluation data yielded no video")
     return metrics.compute()
 
 
-def load_label_embeddings(args, label_lists, device, out_dir: Path):
-    """(K, E) label embeddings: from a file, random (ablation), or fitted here with ASGE on the training labels."""
+def load_label_embeddings(args, label_lists, device, out_dir: Path, ctx=None):
+    """(K, E) label embeddings: from a file, random (ablation), or fitted here with ASGE on the training labels
+    (under torchrun: fitted once, by rank 0, and sent to the others)."""
     if args.label_emb == "random":
         g = torch.Generator().manual_seed(args.seed)
         return torch.randn(args.num_classes, asge.EMBED_DIM, generator=g)
     if args.label_emb:
         emb = asge.load_embeddings(args.label_emb)
+    elif ctx is not None and ctx.distributed:
+        emb = load_label_embeddings(args, label_lists, device, out_dir) if ctx.is_main else None
+        return distributed.broadcast_object(emb.cpu() if emb is not None else None, ctx)
     else:
         graph, counts = asge.build_label_graph(label_lists, args.num_classes)
         emb, history = asge.fit_asge_seen(graph, counts, epochs=args.asge_epochs, alpha=args.alpha,
@@ -242,36 +276,40 @@ def init_from_checkpoint(model, args, ckpt: dict) -> None:
         raise CheckpointError(f"--init {args.init}: {str(e).splitlines()[0]}") from None
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def main(args) -> dict:
+    """Train; under torchrun (``WORLD_SIZE`` > 1) as one rank of a data-parallel job (``model.engine.distributed``)."""
+    return distributed.run(_train, args)
+
+
+def _train(args, ctx) -> dict:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
+    device = ctx.device
     features = tuple(args.features.split(","))
     info = dataset_summary(args.train)
     args.feature_dim = sum(info.feature_dims[f] for f in features if f in info.feature_dims)
-    train_loader = make_loader(args.train, batch_size=args.batch_size, workers=args.workers, features=features,
-                               num_classes=args.num_classes, max_frames=args.max_frames, shuffle=True,
-                               shuffle_buffer=args.shuffle_buffer, seed=args.seed, device=device,
-                               segment_labels=args.segment_labels)
+    train_loader = make_global_loader(args.train, batch_size=args.batch_size, workers=args.workers,
+                                      num_streams=args.data_streams, features=features,
+                                      num_classes=args.num_classes, max_frames=args.max_frames, shuffle=True,
+                                      shuffle_buffer=args.shuffle_buffer, seed=args.seed, device=device,
+                                      segment_labels=args.segment_labels)
     val_loader = val_ratings = None
     if args.val and args.segment_labels:
         val_ratings = read_segment_ratings(args.val)  # all of them, also ratings past a video's last frame
     if args.val:
+        # Segment MAP ranks every window of the split at once, so rank 0 scores all of it; video-level metrics
+        # are computed on each rank's part and merged.
+        whole = {"rank": 0, "world_size": 1} if args.segment_labels else {}
         val_loader = make_loader(args.val, batch_size=args.batch_size, workers=args.workers, features=features,
                                  num_classes=args.num_classes, max_frames=args.max_frames, shuffle=False,
-                                 device=device, segment_labels=args.segment_labels)
+                                 device=device, segment_labels=args.segment_labels, **whole)
 
     resume_path = out / "last.pt"
     ckpt = None
     if args.resume:
-        ckpt, _ = load_latest_checkpoint(resume_path)
+        ckpt, resume_path = load_latest_checkpoint(resume_path)
         stored = with_arch_defaults(ckpt["args"], ckpt["model"])
         adopt_legacy_head(args, ckpt["args"], stored, str(resume_path))
         check_compatible(stored, vars(args), arch_keys(args.head))
@@ -281,7 +319,7 @@ def main(args) -> dict:
     if args.head == "cma":
         source = ckpt if ckpt is not None else init
         label_emb = (source["model"]["head.label_embeddings"] if source is not None
-                     else load_label_embeddings(args, train_labels, device, out))
+                     else load_label_embeddings(args, train_labels, device, out, ctx))
     model = build_model(args, label_embeddings=label_emb).to(device)
     optimizer = build_optimizer(args, model.parameters())
     scheduler = build_scheduler(args, optimizer)
@@ -301,23 +339,31 @@ def main(args) -> dict:
         history = json.loads((out / "metrics.json").read_text())["epochs"] if (out / "metrics.json").exists() else []
         history = [h for h in history if h["epoch"] <= ckpt["epoch"]]  # resuming from an earlier (previous) file
         restore_rng_state(ckpt["rng"])
-        print(f"resumed from {resume_path} at epoch {start_epoch}")
-    write_json(out / "config.json", {k: v for k, v in sorted(vars(args).items())})
+        if ctx.is_main:
+            print(f"resumed from {resume_path} at epoch {start_epoch}")
+    net, model = model, distributed.wrap_model(model, ctx)  # net: the bare model (checkpoints, evaluation)
+    if ctx.is_main:
+        write_json(out / "config.json", {k: v for k, v in sorted(vars(args).items())})
+        if ctx.distributed:
+            print(f"torchrun: {ctx.world_size} processes on {device.type}, global batch {args.batch_size}")
 
-    writer = _tensorboard(out)
+    writer = _tensorboard(out) if ctx.is_main else None
     for epoch in range(start_epoch, args.epochs):
         train_loader.dataset.set_epoch(epoch)
-        train_stats, step = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, epoch,
+        train_stats, step = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, ctx, epoch,
                                             args, writer, step)
         record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": v for k, v in train_stats.items()}}
         if val_loader is not None and args.segment_labels:
-            rep_ = rated_segment_map(model, val_loader, device, args.segment_scorer, ratings=val_ratings)
+            rep_ = None
+            if ctx.is_main:
+                rep_ = rated_segment_map(net, val_loader, device, args.segment_scorer, ratings=val_ratings)
+            rep_ = distributed.broadcast_object(rep_, ctx)
             record.update(val_segment_map=rep_.map, val_segment_classes=rep_.scored_classes)
             if writer is not None:
                 writer.add_scalar("val/segment_map", rep_.map, epoch)
         elif val_loader is not None:
-            val = evaluate(model, val_loader, device, args.num_classes)
+            val = evaluate(net, val_loader, device, args.num_classes, ctx)
             record.update({f"val_{k}": v for k, v in val.items()})
             if writer is not None:
                 for k in ("gap", "hit_at_1", "perr", "map"):
@@ -326,14 +372,13 @@ def main(args) -> dict:
         is_best = gap > best_gap
         best_gap = max(best_gap, gap)
         history.append(record)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best_metric": best_gap,
-                 "args": to_plain(vars(args)), "rng": capture_rng_state()}
-        save_checkpoint(out / "last.pt", state, keep_previous=True)
-        if is_best:
-            save_checkpoint(out / "best.pt", state)
-        write_json(out / "metrics.json", {"epochs": history, "best_val_gap": best_gap if args.val else None})
-        print(_epoch_line(record))
+        if ctx.is_main:
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best_metric": best_gap,
+                     "args": to_plain(vars(args)), "rng": capture_rng_state()}
+            save_epoch(out, state, {"epochs": history, "best_val_gap": best_gap if args.val else None}, is_best)
+            print(_epoch_line(record))
+        distributed.barrier(ctx)  # no rank runs ahead of rank 0's checkpoint (a resume finds it complete)
     if writer is not None:
         writer.close()
     return history[-1] if history else {}

@@ -183,6 +183,16 @@ def record_to_row(record, whitened: Mapping[str, np.ndarray], dtype: str = "floa
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
+def writer_options(schema: pa.Schema, compression: str = DEFAULT_COMPRESSION) -> dict:
+    """``pq.ParquetWriter`` keyword arguments for a shard of ``schema``; every writer of shards uses them
+    (``ShardWriter``, and ``beam_jobs.preprocess``'s Beam sink). CRC32 of every data page, verified on read
+    (``_open_parquet``): a flipped byte inside a shard is an error naming the file, never silently different frames.
+    Dictionaries and statistics only for the small columns, not the frame blobs."""
+    features = parse_schema_metadata(schema, "shard schema")["features"]
+    plain = [c for c in schema.names if c not in features]
+    return dict(compression=compression, use_dictionary=plain, write_statistics=plain, write_page_checksum=True)
+
+
 class ShardWriter:
     """Write rows (dicts from ``record_to_row``) to one Parquet shard, ``row_group_size`` rows per row group.
 
@@ -215,11 +225,7 @@ class ShardWriter:
         parent = posixpath.dirname(self._fs_path)
         if parent:
             self._fs.makedirs(parent, exist_ok=True)
-        plain = [c for c in schema.names if c not in self.meta["features"]]
-        # CRC32 of every data page, verified on read (``_open_parquet``): a flipped byte inside a shard is an error
-        # naming the file, never silently different frames
-        options = dict(compression=compression, use_dictionary=plain, write_statistics=plain,
-                       write_page_checksum=True)
+        options = writer_options(schema, compression)
         if self._local:
             self._tmp: str | None = f"{self._fs_path}.tmp-{uuid.uuid4().hex}"
             self._file = None
@@ -357,6 +363,12 @@ def read_shard_info(path: str | os.PathLike) -> ShardInfo:
     """Parse a shard's footer: features, dtype, level, whitening hash, segment columns, row counts."""
     with _open_parquet(path) as pf:
         return _info(pf, str(path))
+
+
+def row_group_rows(path: str | os.PathLike) -> list[int]:
+    """Rows in each row group of a shard, from its footer alone."""
+    with _open_parquet(path) as pf:
+        return [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
 
 
 # -- reading ---------------------------------------------------------------------------------------------------

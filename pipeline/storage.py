@@ -63,3 +63,24 @@ def storage_error_line(exc: BaseException, argv: Sequence[str] | None) -> str | 
     paths = remote_paths(argv)
     where = ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "") if paths else "a remote path"
     return f"error: {where}: {cause}"
+
+
+def user_error_line(exc: BaseException, argv: Sequence[str] | None) -> str | None:
+    """The one line every entry point prints instead of a traceback: a project error, a missing local file, or an
+    object-store failure (naming the remote paths of ``argv``); None for anything else (a bug: let it raise)."""
+    if isinstance(exc, Yt8mError):
+        return f"error: {exc}"
+    if isinstance(exc, FileNotFoundError):
+        return f"error: no such file: {exc.filename or exc}"
+    return storage_error_line(exc, argv)
+
+
+def quiet_object_store_logs() -> None:
+    """Silence gcsfs's own log lines for a command-line run: it logs a warning per bucket probe and the full
+    traceback of a request that ran out of retries, which the entry points already turn into one line naming the
+    path and the cause. ``GCSFS_DEBUG`` (gcsfs's own switch) keeps them."""
+    import logging
+    import os
+
+    if not os.environ.get("GCSFS_DEBUG"):
+        logging.getLogger("gcsfs").setLevel(logging.CRITICAL)

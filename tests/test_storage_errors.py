@@ -105,3 +105,34 @@ def test_preprocess_prints_one_line_naming_the_output(failing, capsys):
 def test_remote_paths_from_a_command_line():
     assert remote_paths(["--input", "gs://b/x", "--output=gs://b/y", "local/path", "file:///tmp/z"]) == \
         ["gs://b/x", "gs://b/y"]
+
+
+def test_gcsfs_log_lines_do_not_precede_the_one_line(monkeypatch, capsys, caplog):
+    """gcsfs logs a warning per bucket probe and the traceback of a request out of retries (about 55 lines with
+    no network); an entry point shows only its own line unless GCSFS_DEBUG asks for gcsfs's."""
+    import argparse
+    import logging
+
+    def main(args):
+        log = logging.getLogger("gcsfs")
+        log.warning("Could not determine bucket type for bucket name b: ..., falling back to GCSFileSystem")
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except OSError as e:
+            log.exception(f"_request out of retries on exception: {e}")
+            raise
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data")
+    logging.getLogger("gcsfs").setLevel(logging.NOTSET)
+    monkeypatch.delenv("GCSFS_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, parser, ["--data", "gs://b/validate"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "gs://b/validate" in err, err
+    assert not [r for r in caplog.records if r.name == "gcsfs"]  # nothing reached any log handler either
+    monkeypatch.setenv("GCSFS_DEBUG", "WARNING")
+    logging.getLogger("gcsfs").setLevel(logging.NOTSET)
+    with pytest.raises(SystemExit):
+        run_cli(main, parser, ["--data", "gs://b/validate"])
+    assert [r.levelname for r in caplog.records if r.name == "gcsfs"] == ["WARNING", "ERROR"]

@@ -13,6 +13,7 @@ when its upload completes, which gives the same all-or-nothing guarantee.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import random
@@ -141,6 +142,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
             if not local.is_file():
                 raise CheckpointError(f"no checkpoint at {path}")
             state = torch.load(local, map_location=map_location, weights_only=True)
+            with open(local, "rb") as f:
+                _verify_archive(f, path)
         else:
             import fsspec
             try:
@@ -156,10 +159,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
                     raise
                 raise CheckpointError(f"cannot read checkpoint {path}: {cause}") from None
             state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+            _verify_archive(io.BytesIO(data), path)
     except CheckpointError:
         raise
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in first:  # torch's advice (with terminal colour codes) is not ours to give
+            why = " ".join(str(e).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0].split(" Please use")[0].split())
+            raise CheckpointError(f"cannot read checkpoint {path} (corrupt, or not a weights_only checkpoint): the "
+                                  f"weights-only unpickler refused it ({why or 'unsupported content'}); it is never "
+                                  f"unpickled any other way, since that could run code from the file") from None
         raise CheckpointError(f"cannot read checkpoint {path} (corrupt, truncated or not a weights_only "
                               f"checkpoint): {first}") from None
     if not isinstance(state, dict):
@@ -168,6 +177,37 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(map(str, state)))})")
     return state
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON, written to a temp name then renamed: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_epoch(out: Path, state: dict, metrics: dict, is_best: bool) -> None:
+    """A training loop's end-of-epoch files: ``metrics.json``, ``best.pt`` (when ``is_best``), then ``last.pt``
+    (keeping the one it replaces as ``last.prev.pt``). ``last.pt`` goes last: a kill before it leaves the previous
+    epoch's, and ``--resume`` drops the metrics of epochs past the checkpoint it loads, so no epoch is lost or
+    counted twice."""
+    write_json(out / "metrics.json", metrics)
+    if is_best:
+        save_checkpoint(out / "best.pt", state)
+    save_checkpoint(out / "last.pt", state, keep_previous=True)
+
+
+def _verify_archive(f, path: str) -> None:
+    """``CheckpointError`` naming the file when a record of the checkpoint's zip archive fails its CRC-32:
+    ``torch.load`` does not check them, so a flipped byte inside a tensor would load as a silently different
+    weight. Torch's legacy (pre-1.6, non-zip) format has no checksums to check."""
+    if not zipfile.is_zipfile(f):
+        return
+    f.seek(0)
+    with zipfile.ZipFile(f) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its record {bad} fails its CRC-32 check")
 
 
 def load_latest_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict, str]:

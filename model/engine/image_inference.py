@@ -43,6 +43,14 @@ class BrokenImages:
             if len(self.examples) < 5:
                 self.examples.append(reason if str(key) in reason else f"{key}: {reason}")
 
+    def merge(self, other: "BrokenImages") -> "BrokenImages":
+        """Add another loader's (another rank's) broken images; returns self."""
+        self.count += other.count
+        for kind, n in other.by_reason.items():
+            self.by_reason[kind] = self.by_reason.get(kind, 0) + n
+        self.examples = (self.examples + list(other.examples))[:5]
+        return self
+
     def summary(self) -> dict:
         return {"count": self.count, "by_reason": dict(self.by_reason), "examples": list(self.examples)}
 

@@ -414,6 +414,14 @@ class VideoMetrics:
         cls = top[:, : self.top_k].astype(np.int32).reshape(-1)
         rel = top_rel[:, : self.top_k].reshape(-1)
         self._positives_in_top_k += int(rel.sum())
+        self._add_pairs(score, cls, rel)
+
+        if self.full_ranking:
+            self._all_scores.append(np.array(s, copy=True))
+            self._all_labels.append(y.copy())
+        return self
+
+    def _add_pairs(self, score: np.ndarray, cls: np.ndarray, rel: np.ndarray) -> None:
         if self._gap is None:
             self._pairs.append((score, cls, rel))
             self._num_pairs += score.size
@@ -423,9 +431,29 @@ class VideoMetrics:
             self._gap.add(score, np.zeros(score.size, dtype=np.int32), rel)
             self._classes.add(score, cls, rel)
 
-        if self.full_ranking:
-            self._all_scores.append(np.array(s, copy=True))
-            self._all_labels.append(y.copy())
+    def merge(self, other: "VideoMetrics") -> "VideoMetrics":
+        """Add everything ``other`` accumulated (another process's share of the same evaluation), as if its batches
+        had been passed to ``update`` here. ``other`` must still hold its pairs exactly: give the sharing
+        processes ``exact_limit=None``; this accumulator may switch to bounded memory while merging, as it would
+        while updating."""
+        if (other.num_classes, other.top_k, other.full_ranking) != (self.num_classes, self.top_k,
+                                                                      self.full_ranking):
+            raise MetricsError(f"cannot merge metrics over {other.num_classes} classes (top {other.top_k}, full "
+                               f"ranking {other.full_ranking}) into {self.num_classes} (top {self.top_k}, full "
+                               f"ranking {self.full_ranking})")
+        if other._gap is not None:
+            raise MetricsError("cannot merge an accumulator that switched to bounded memory; give the processes "
+                               "that share an evaluation exact_limit=None")
+        self.num_videos += other.num_videos
+        self.num_videos_without_labels += other.num_videos_without_labels
+        self._hits += other._hits
+        self._perr_sum += other._perr_sum
+        self._class_positives += other._class_positives
+        self._positives_in_top_k += other._positives_in_top_k
+        for score, cls, rel in other._pairs:
+            self._add_pairs(score, cls, rel)
+        self._all_scores += other._all_scores
+        self._all_labels += other._all_labels
         return self
 
     def _switch_to_bounded(self) -> None:

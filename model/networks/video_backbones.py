@@ -16,6 +16,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks of the default process group, differentiable: the gradient of every rank's input is the
+    sum of the gradients all ranks receive for the output (each rank's loss depends on every rank's frames)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum_autograd(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks of the default process group, with gradients flowing back to every rank."""
+    return _AllReduceSum.apply(t)
+
+
 class MaskedBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d over (B, C, T) whose batch statistics come from valid time steps only.
 
@@ -24,18 +50,33 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     the result would depend on how much padding the batch happened to have.
     """
 
+    synchronized = False  # set by model.engine.distributed.convert_sync_batch_norm: statistics over all ranks
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.synchronized:
+            return t
+        return all_reduce_sum_autograd(t)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if mask is None or not self.training:
+        if not self.training or (mask is None and not self.synchronized):
             return super().forward(x)
         B, C, T = x.shape
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
         # Statistics in float32 even under autocast (as nn.BatchNorm1d does): a bfloat16 sum over B * T steps
         # would lose most of its digits.
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         m = mask.unsqueeze(1).to(x.dtype)  # (B, 1, T)
-        n = m.sum().clamp_min(1.0)
-        mean = (x * m).sum(dim=(0, 2)) / n  # (C,)
-        var = ((x - mean.view(1, C, 1)) * m).pow(2).sum(dim=(0, 2)) / n  # biased, as BN normalizes with
+        # Two passes (mean, then squared deviations), each summed over ranks when synchronized: the same formula
+        # as one process on the whole global batch, so data-parallel training reproduces it (and a rank whose
+        # share of the batch is empty still contributes its zeros).
+        sums = torch.cat([(x * m).sum(dim=(0, 2)), m.sum().reshape(1)])  # (C + 1,)
+        sums = self._sum_over_ranks(sums)
+        n = sums[C].clamp_min(1.0)
+        mean = sums[:C] / n  # (C,)
+        sq = self._sum_over_ranks(((x - mean.view(1, C, 1)) * m).pow(2).sum(dim=(0, 2)))
+        var = sq / n  # biased, as BN normalizes with
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
