@@ -20,6 +20,7 @@ into the rank's micro-batch (``join_batches``). Consequences:
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -105,6 +106,10 @@ class GlobalBatchVideos(ParquetVideoDataset):
         if batch_size < 1 or num_streams < 1:
             raise DataError(f"batch size ({batch_size}) and data streams ({num_streams}) must be >= 1")
         self.batch_size, self.num_streams = int(batch_size), int(num_streams)
+        # Rows of every shard's row groups, read once here (in the main process, so DataLoader workers inherit
+        # them) and in parallel: on an object store each footer is a round trip, and there can be thousands.
+        with ThreadPoolExecutor(max_workers=min(16, len(self.shards))) as pool:
+            self._row_groups = dict(zip(self.shards, pool.map(shard_io.row_group_rows, self.shards)))
         self._plans: dict[int, tuple[list[list[ReadUnit]], np.ndarray]] = {}
 
     def epoch_plan(self, epoch: int | None = None) -> tuple[list[list[ReadUnit]], np.ndarray]:
@@ -112,16 +117,11 @@ class GlobalBatchVideos(ParquetVideoDataset):
         epoch = self.epoch if epoch is None else epoch
         if epoch not in self._plans:
             order_rng = (lambda: np.random.default_rng([self.seed, epoch])) if self.shuffle_shards else (lambda: None)
-            S = self.num_streams
-            if len(self.shards) >= S:
-                rows = {s: shard_io.read_shard_info(s).num_rows for s in self.shards}
-                units = [plan_reads(self.shards, [], k, S, order_rng()) for k in range(S)]
-                lengths = [sum(rows[u.shard] for u in us) for us in units]
-            else:
-                per_group = {s: shard_io.row_group_rows(s) for s in self.shards}
-                counts = [len(per_group[s]) for s in self.shards]
-                units = [plan_reads(self.shards, counts, k, S, order_rng()) for k in range(S)]
-                lengths = [sum(per_group[u.shard][g] for u in us for g in u.row_groups) for us in units]
+            S, rows = self.num_streams, self._row_groups
+            counts = [len(rows[s]) for s in self.shards]
+            units = [plan_reads(self.shards, counts, k, S, order_rng()) for k in range(S)]
+            lengths = [sum(sum(rows[u.shard]) if u.row_groups is None else sum(rows[u.shard][g] for g in u.row_groups)
+                           for u in us) for us in units]
             self._plans = {epoch: (units, batch_counts(lengths, self.batch_size))}  # keep one epoch's plan
         return self._plans[epoch]
 
