@@ -1,6 +1,6 @@
 """First run on a GPU machine: throughput, memory and CPU/CUDA agreement in one table (``bench/gpu_check.sh``).
 
-    bash bench/gpu_check.sh            # full sizes on CUDA (under 8 minutes on one H100-class GPU); small on CPU
+    bash bench/gpu_check.sh            # full sizes on CUDA (sized for under 8 minutes; not yet run on a GPU); small on CPU
     bash bench/gpu_check.sh --small    # CI: every step at toy sizes, on CPU
 
 Steps, each a row of the printed table:
