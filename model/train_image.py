@@ -124,8 +124,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, ctx, epoch, writer=None, 
     total, count, broken = 0.0, 0, BrokenImages()
     batches = loader
     if ctx.distributed:
-        empty = {"image": torch.zeros(0, 3, image_size, image_size), "broken": []}
-        batches = _rank_batches(loader, math.ceil(num_images / global_batch), empty)
+        nothing = {"image": torch.zeros(0, 3, 0, 0), "broken": []}  # as collate_images makes it: resized below
+        batches = _rank_batches(loader, math.ceil(num_images / global_batch), nothing)
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
                disable=not ctx.is_main or (not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") is None))
     t0 = time.perf_counter()
@@ -135,7 +135,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, ctx, epoch, writer=None, 
         n_global = distributed.all_reduce_sum(n_local, ctx)
         if n_global == 0:
             continue
-        if n_local == 0:  # no decodable image here: run the model on nothing, with the right size
+        if n_local == 0:  # an empty share, or every image unreadable: run the model on nothing, of the right size
             batch = {"image": torch.zeros(0, 3, image_size, image_size)}
         logits = forward_batch(model, batch, device)
         if n_local:

@@ -188,6 +188,15 @@ def _float_values(float_list: Any) -> np.ndarray:
     return np.asarray(float_list.value, dtype=np.float32)
 
 
+def record_id(payload: bytes) -> str:
+    """The ``id`` of one serialized YouTube-8M record, frame level or video level, without decoding its frames.
+
+    A ``SequenceExample`` (frame level) keeps its context in field 1, where an ``Example`` (video level) keeps its
+    features, both of type ``Features``; parsed as an ``Example``, a frame-level record's feature lists (field 2)
+    stay unparsed unknown bytes. Raises ``RecordError`` like the full decoder would for a bad or missing id."""
+    return _read_id(_parse(payload, "Example").features.feature)
+
+
 def _read_id(features: Any) -> str:
     """The ``id`` context feature as str; spots 2017 records, which used ``video_id``."""
     if "id" not in features:

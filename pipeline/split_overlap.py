@@ -5,7 +5,7 @@
 A and B are prepared splits: a ``beam_jobs.preprocess`` output directory, a directory or glob of Parquet shards, a
 single shard, or any fsspec URL of these (whatever ``pipeline.shards.list_shards`` takes); only the ``id`` column
 is read, never the frames. Raw YouTube-8M TFRecords (a ``*.tfrecord`` file or glob, or a directory holding them
-and no Parquet shards) work too: only each record's context is parsed (see ``record_id``).
+and no Parquet shards) work too: only each record's context is parsed (see ``pipeline.records.record_id``).
 
 Why it matters on the real corpus: the 2019 segment-rated validation set was drawn from the 2018 validation set, so
 a model trained on 2018 validation videos and evaluated on the 2019 ratings has seen many of its test videos.
@@ -34,10 +34,10 @@ import pyarrow.compute as pc
 
 from pipeline import shards
 from pipeline.errors import RecordError, TFRecordCorruption, Yt8mError
-from pipeline.records import _parse, _read_id
+from pipeline.records import record_id
 from pipeline.storage import user_error_line
 from pipeline.tfrecord import read_records
-from pipeline.whitening import _write_bytes
+from pipeline.whitening import write_bytes_atomically
 
 EXAMPLES = 10  # overlapping ids printed
 READ_THREADS = 8  # shards read at once: remote reads wait on the network, not on this process
@@ -95,7 +95,7 @@ def write_id_list(path: str | os.PathLike, ids: Iterable[str]) -> int:
     when complete (temporary name, then rename); an object store publishes an object when its upload completes."""
     ids = list(ids)
     try:
-        _write_bytes(path, "".join(f"{i}\n" for i in ids).encode("utf-8"))
+        write_bytes_atomically(path, "".join(f"{i}\n" for i in ids).encode("utf-8"))
     except IsADirectoryError:
         raise IdListError(f"cannot write ids to {path}: it is a directory") from None
     except (NotADirectoryError, PermissionError) as e:
@@ -146,15 +146,6 @@ def split_files(path: str | os.PathLike) -> tuple[str, list[str]]:
     elif _is_tfrecord(fs_path) and fs.isfile(fs_path):
         return "tfrecord", [path]
     return "parquet", shards.list_shards(path)
-
-
-def record_id(payload: bytes) -> str:
-    """The ``id`` of one serialized YouTube-8M record, frame level or video level, without decoding its frames.
-
-    A ``SequenceExample`` (frame level) keeps its context in field 1, where an ``Example`` (video level) keeps its
-    features, both of type ``Features``; parsed as an ``Example``, a frame-level record's feature lists (field 2)
-    stay unparsed unknown bytes. Raises ``RecordError`` like the full decoder would for a bad or missing id."""
-    return _read_id(_parse(payload, "Example").features.feature)
 
 
 def _parquet_ids(path: str) -> tuple[pa.Array, int]:

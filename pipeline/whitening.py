@@ -300,7 +300,7 @@ class Whitening:
     def save(self, path: str | os.PathLike) -> str:
         """Write to ``path`` (any fsspec URL); returns the sha256 of what was written."""
         data = self.to_bytes()
-        _write_bytes(path, data)
+        write_bytes_atomically(path, data)
         return hashlib.sha256(data).hexdigest()
 
     @classmethod
@@ -464,7 +464,7 @@ class WhiteningSet:
     def save(self, path: str | os.PathLike) -> str:
         """Write to ``path`` (any fsspec URL); returns the sha256 of what was written."""
         data = self.to_bytes()
-        _write_bytes(path, data)
+        write_bytes_atomically(path, data)
         return hashlib.sha256(data).hexdigest()
 
     @classmethod
@@ -541,7 +541,8 @@ def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` to a local path or fsspec URL: a temp name then a rename locally; one upload on object stores."""
     path = str(path)
     fs, fs_path = fsspec.core.url_to_fs(path)
     parent = posixpath.dirname(fs_path)
