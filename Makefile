@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+# what .venv takes once installed (7.9 GB measured), with room for pip's unpacking
+VENV_GB ?= 9
 
 .PHONY: demo demo-image test bench venv clean
 
@@ -13,7 +15,11 @@ venv: $(STAMP)
 # Reinstalls only when requirements.txt changes.
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	@free_gb=$$(df -Pk $(VENV) | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free_gb" -lt $(VENV_GB) ]; then \
+	  echo "warning: the packages take about $(VENV_GB) GB (torch with its CUDA libraries, TensorFlow for the codec tests); $$free_gb GB free here" >&2; \
+	fi
+	$(PY) -m pip install --disable-pip-version-check --no-cache-dir -q -r requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
