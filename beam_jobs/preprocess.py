@@ -109,6 +109,9 @@ NON_FINITE = "non_finite"
 NOT_STORABLE = "not_storable"
 # Frames gathered before one MomentAccumulator.add: big enough for an efficient syrk, 16 MB of float32 at D = 1024.
 FIT_BATCH_FRAMES = 4096
+# Frames whitened by one matmul in pass 2: 8 MB of float32 at D = 1024; past ~1000 rows the kernel runs at full
+# speed (bench/preprocess.py's "whitening matmul" rows).
+WHITEN_BATCH_FRAMES = 2048
 # Parquet row groups of about 8 MiB uncompressed (~14 full-length float16 rgb videos): the unit model.data.video can
 # hand to separate readers when there are fewer shards than readers.
 ROW_GROUP_BYTES = 8 << 20
@@ -741,6 +744,10 @@ class WhitenVideoFn(beam.DoFn):
     ``unwritten_segment_records``, ``whiten_seconds`` (centering and projection) and ``encode_seconds`` (the row:
     storage dtype, finiteness check, bytes) per bundle.
 
+    Videos are whitened ``batch_frames`` frames at a time, one matmul for several videos: a 150-frame video alone
+    keeps the BLAS kernel well below the speed it reaches on a few thousand rows (``bench/preprocess.py``). A batch
+    never spans bundles: what is left is whitened and emitted in ``finish_bundle``.
+
     The statistics are read from ``whitening_path`` once per DoFn instance (``setup``), not shipped inside the
     pipeline graph: a 1024-d whitening is 8 MB per feature.
 
@@ -752,13 +759,16 @@ class WhitenVideoFn(beam.DoFn):
         namespace: metrics namespace; counts ``written_records``, ``written_frames`` and, when a record carries
             segment ratings that the schema has no columns for, ``unwritten_segment_records``.
         blas_threads: BLAS threads during a bundle (None: leave as is).
+        batch_frames: frames gathered before one matmul (1: every video on its own).
     """
 
     def __init__(self, whitening_path: str, features: Sequence[str], dtype: str, has_segments: bool,
-                 namespace: str = METRICS_NAMESPACE, blas_threads: int | None = 1):
+                 namespace: str = METRICS_NAMESPACE, blas_threads: int | None = 1,
+                 batch_frames: int = WHITEN_BATCH_FRAMES):
         self.whitening_path, self.features, self.dtype = whitening_path, tuple(features), dtype
         self.has_segments, self.namespace = has_segments, namespace
         self.blas = _BlasLimit(blas_threads)
+        self.batch_frames = max(1, int(batch_frames))
 
     def setup(self):
         whitening = WhiteningSet.load(self.whitening_path)
@@ -769,29 +779,53 @@ class WhitenVideoFn(beam.DoFn):
         self.written_frames = Metrics.counter(self.namespace, "written_frames")
         self.unwritten_segments = Metrics.counter(self.namespace, "unwritten_segment_records")
         self.counts = BundleCounts("whiten")
+        self.pending, self.pending_frames = [], 0
 
     def start_bundle(self):
         self.counts.reset()
+        self.pending, self.pending_frames = [], 0
         self.blas.enter()
 
     def finish_bundle(self):
+        for output in self._flush():  # outside process(), every output carries its window
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+            else:
+                yield GlobalWindows.windowed_value(output)
         self.blas.exit()
         yield from self.counts.emit()
 
     def process(self, element) -> Iterator:
+        self.pending.append(element)
+        self.pending_frames += element[2].num_frames
+        if self.pending_frames >= self.batch_frames:
+            yield from self._flush()
+
+    def _flush(self) -> Iterator:
+        """Whiten the pending videos with one matmul per feature, then emit their rows (or dead letters)."""
+        batch, self.pending, self.pending_frames = self.pending, [], 0
+        if not batch:
+            return
         clock = time.perf_counter
         start = clock()
-        source, position, record = element
+        records = [record for _, _, record in batch]
+        ends = np.cumsum([record.num_frames for record in records])
         whitened = {}
         for name, (mean, projection) in self.affine.items():
-            whitened[name] = (record.features(name) - mean) @ projection  # (T, D) -> (T, dims)
-        encode = clock()
-        self.counts.add("whiten_seconds", encode - start)
+            frames = records[0].features(name) if len(records) == 1 else np.concatenate(
+                [record.features(name) for record in records])  # (sum T, D)
+            whitened[name] = np.split((frames - mean) @ projection, ends[:-1])  # (sum T, dims) -> per video (T, dims)
+        self.counts.add("whiten_seconds", clock() - start)
+        for i, (source, position, record) in enumerate(batch):
+            yield from self._row(source, position, record, {name: w[i] for name, w in whitened.items()})
+
+    def _row(self, source: str, position: int, record: VideoRecord, whitened: dict) -> Iterator:
+        encode = time.perf_counter()
         try:
             row, error = shards.record_to_row(record, whitened, self.dtype, has_segments=self.has_segments), None
         except shards.ShardSchemaError as e:
             row, error = None, e
-        self.counts.add("encode_seconds", clock() - encode)
+        self.counts.add("encode_seconds", time.perf_counter() - encode)
         if error is not None:
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(source, position, NOT_STORABLE, str(error),
                                                                     record.id))

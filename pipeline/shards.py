@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import posixpath
+import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
@@ -29,6 +30,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import Yt8mError
@@ -144,6 +146,34 @@ def _storage_dtype(dtype: Any) -> np.dtype:
 
 
 # -- rows ------------------------------------------------------------------------------------------------------
+def _stored_bytes(mat: np.ndarray, dt: np.dtype) -> bytes:
+    """The cell bytes of ``mat`` in the storage dtype. float32 -> float16 goes through Arrow's cast: the same
+    round-to-nearest-even bits as numpy's ``astype``, about 1.4x faster (numpy converts value by value in software
+    here), and it is the largest step of encoding a row (bench/preprocess.py)."""
+    if dt == np.float16 and mat.dtype == np.float32 and sys.byteorder == "little" and mat.size:
+        flat = pa.array(np.ascontiguousarray(mat).reshape(-1))  # zero copy
+        half = pc.cast(flat, pa.float16())
+        return np.frombuffer(half.buffers()[1], dtype=dt, count=mat.size, offset=half.offset * 2).tobytes()
+    return np.ascontiguousarray(mat, dtype=dt).tobytes()
+
+
+# float32 values from this magnitude on round to inf in float16 (65504 is its largest finite value, 65520 the
+# halfway point to the next power of two, and ties round to even: 65536, i.e. inf).
+_FLOAT16_OVERFLOW = 65520.0
+
+
+def _storable(mat: np.ndarray, dt: np.dtype) -> bool:
+    """Whether every value of ``mat`` is finite once stored as ``dt``. For float16 from float32 this is decided on
+    the float32 values (one max over |x|, NaN propagating), about 10x cheaper than checking the converted copy."""
+    if mat.size == 0:
+        return True
+    if dt == np.float16 and mat.dtype in (np.float32, np.float64):
+        peak = max(float(mat.max()), -float(mat.min()))  # NaN anywhere -> NaN, and NaN < x is False
+        return peak < _FLOAT16_OVERFLOW
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.asarray(mat, dtype=dt)).all())
+
+
 def record_to_row(record, whitened: Mapping[str, np.ndarray], dtype: str = "float16",
                   has_segments: bool | None = None) -> dict:
     """A shard row from a ``pipeline.records.VideoRecord`` and its whitened feature matrices.
@@ -167,12 +197,10 @@ def record_to_row(record, whitened: Mapping[str, np.ndarray], dtype: str = "floa
         if mat.ndim != 2 or mat.shape[0] != num_frames:
             raise ShardSchemaError(f"video {record.id!r}: feature {name!r} has shape {mat.shape}, expected "
                                    f"({num_frames}, dims)")
-        with np.errstate(over="ignore", invalid="ignore"):  # reported below, with the video and feature named
-            stored = np.ascontiguousarray(mat, dtype=dt)
-        if not np.isfinite(stored).all():
+        if not _storable(mat, dt):
             raise ShardSchemaError(f"video {record.id!r}: feature {name!r} has values that are not finite as "
                                    f"{dt.name} (NaN input or |x| beyond the {dt.name} range)")
-        row[name] = stored.tobytes()
+        row[name] = _stored_bytes(mat, dt)
     present = record.segment_start_times is not None
     if has_segments if has_segments is not None else present:
         empty = np.zeros(0)

@@ -266,8 +266,11 @@ CHILD = textwrap.dedent('''
         for element in elements:
             for item in fn.process(element) or []:
                 (tagged if isinstance(item, TaggedOutput) else main).append(item)
-        for item in getattr(fn, "finish_bundle", lambda: None)() or []:
-            tagged.append(item)
+        for item in getattr(fn, "finish_bundle", lambda: None)() or []:  # outputs carry windows here
+            if isinstance(item, TaggedOutput):
+                tagged.append(TaggedOutput(item.tag, getattr(item.value, "value", item.value)))
+            else:
+                main.append(item.value)
         return main, [t for t in tagged if t.tag == preprocess.DEAD_LETTER]
 
     # DoFns by hand: framing -> decode -> whiten (audio, with statistics fitted here)

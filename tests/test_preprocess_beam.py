@@ -575,3 +575,65 @@ def test_duplicate_video_ids_are_reported_with_examples(raw, tmp_path, capsys):
     clean = preprocess.run(["--input", str(first), "--output", str(tmp_path / "clean"), "--pca-dims", "8"]
                            + ONE_WORKER, save_main_session=False)
     assert clean["duplicate_ids"] == {"ids": 0, "extra_rows": 0, "examples": {}}
+
+
+# -- the write pass whitens several videos per matmul ------------------------------------------------------------
+def _whiten_bundle(fn: "preprocess.WhitenVideoFn", elements: list) -> tuple[list, list, dict]:
+    """One bundle through the DoFn by hand: rows, dead letters and the summed counts, finish_bundle included."""
+    from apache_beam.pvalue import TaggedOutput
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    rows, dead, counts = [], [], {}
+    fn.start_bundle()
+    outputs = [out for element in elements for out in fn.process(element) or []]
+    outputs += list(fn.finish_bundle())
+    for out in outputs:
+        tag = out.tag if isinstance(out, TaggedOutput) else None
+        value = out.value if isinstance(out, TaggedOutput) else out
+        if isinstance(value, WindowedValue):
+            value = value.value
+        if tag == preprocess.DEAD_LETTER:
+            dead.append(value)
+        elif tag == preprocess.COUNTS:
+            counts.update({k: v for k, v in value.items() if k != "step"})
+        else:
+            rows.append(value)
+    return rows, dead, counts
+
+
+@pytest.mark.parametrize("batch_frames", [1, 25, 10**6])
+def test_batched_whitening_equals_one_video_at_a_time_and_keeps_dead_letters(tmp_path, batch_frames):
+    rng = np.random.default_rng(3)
+    codes = {"small": 140, "large": 200, "overflows": 255}  # dequantized: ~0.2, ~1.1, ~2.0
+    elements = []
+    for i in range(9):
+        kind = ("small", "large", "overflows")[i % 3]
+        frames = int(rng.integers(5, 40))
+        rgb = np.full((frames, 1024), codes[kind], np.uint8)
+        rgb[:, :3] = rng.integers(100, 150, (frames, 3))  # videos differ inside the frames too
+        elements.append(("in.tfrecord", i, VideoRecord(id=f"{kind}{i}", labels=np.array([i], np.int32), rgb=rgb)))
+    path = tmp_path / "whitening.npz"
+    fit_whitening_set({"rgb": MomentAccumulator.of(rng.standard_normal((2000, 1024)))}, dims=None).save(path)
+
+    def run(batch):
+        fn = preprocess.WhitenVideoFn(str(path), ("rgb",), "float16", False, batch_frames=batch)
+        fn.setup()
+        # |x| * 4e4 passes float16 (65504) below ~1.6 and overflows at 2.0
+        fn.affine = {"rgb": (np.zeros(1024, np.float32), np.eye(1024, dtype=np.float32) * 4e4)}
+        return _whiten_bundle(fn, elements)
+
+    rows, dead, counts = run(batch_frames)
+    want_rows, want_dead, want_counts = run(1)
+    assert [r["id"] for r in rows] == [f"{k}{i}" for i, k in enumerate(["small", "large", "overflows"] * 3)
+                                      if k != "overflows"]
+    assert [r["id"] for r in rows] == [r["id"] for r in want_rows]
+    for got, want in zip(rows, want_rows):
+        assert got["rgb"] == want["rgb"] and got["num_frames"] == want["num_frames"]
+        frames = np.frombuffer(got["rgb"], "<f2").reshape(got["num_frames"], 1024)
+        record = elements[int(got["id"][-1])][2]
+        np.testing.assert_allclose(frames, record.features("rgb") * 4e4, rtol=1e-3)
+    assert [(d["id"], d["reason"], d["position"]) for d in dead] == [
+        (f"overflows{i}", preprocess.NOT_STORABLE, i) for i in (2, 5, 8)] == [
+        (d["id"], d["reason"], d["position"]) for d in want_dead]
+    assert counts["written_records"] == 6 and counts["written_frames"] == sum(r["num_frames"] for r in rows)
+    assert counts["written_frames"] == want_counts["written_frames"]

@@ -335,3 +335,24 @@ def test_a_flipped_byte_anywhere_in_the_data_is_an_error_naming_the_shard(tmp_pa
         assert len(got) == len(reference) and all(
             a[0] == b[0] and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
             for a, b in zip(reference, got)), f"byte {pos} changed the data silently"
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e4])
+def test_float16_cells_equal_numpy_rounding_and_the_overflow_edge(scale):
+    """Cells are converted by Arrow's cast (faster): the bits must be numpy's round-to-nearest-even, subnormals and
+    the largest finite values included, and the finiteness check must flip exactly where float16 reaches inf."""
+    rng = np.random.default_rng(int(scale * 10) + 1)
+    rec, _ = make_videos(1, seed=8)[0]
+    mat = np.clip(rng.standard_normal((rec.num_frames, 12)) * scale, -6e4, 6e4).astype(np.float32)
+    mat[0, :6] = [0.0, -0.0, 6e-8, -3e-5, 65519.0, -65504.0]
+    row = record_to_row(rec, {"rgb": mat}, "float16")
+    assert row["rgb"] == mat.astype("<f2").tobytes()
+    assert record_to_row(rec, {"rgb": mat[:, 1:3]}, "float16")["rgb"] == mat[:, 1:3].astype("<f2").tobytes()
+    for edge, storable in [(65519.996, True), (65520.0, False), (np.nan, False), (np.inf, False)]:
+        bad = mat.copy()
+        bad[-1, -1] = edge
+        if storable:
+            assert np.isfinite(np.frombuffer(record_to_row(rec, {"rgb": bad}, "float16")["rgb"], "<f2")).all()
+        else:
+            with pytest.raises(ShardSchemaError, match="not finite"):
+                record_to_row(rec, {"rgb": bad}, "float16")
