@@ -5,7 +5,7 @@ gives, and a corrupt shard or checkpoint stops every entry point with one line n
 hang, no silently different numbers).
 
 The killed jobs are real ``python -m`` subprocesses (SIGKILL to their whole process group); the damaged-input cases
-run through a driver that forks one ``python -m``-equivalent child per case (see DRIVER). OMP_NUM_THREADS=1, tiny
+run through a driver that forks one ``python -m``-equivalent child per case (tests/entry_point_driver.py). OMP_NUM_THREADS=1, tiny
 synthetic data.
 """
 from __future__ import annotations
@@ -305,61 +305,10 @@ def test_preprocessing_killed_mid_write_then_rerun_loses_and_duplicates_nothing(
 
 # -- 3 and 4: damaged shards and checkpoints given to the model entry points -------------------------------------
 # The entry points are started 12 times below; a fresh interpreter spends ~6 CPU seconds importing torch before it
-# reads an argument, so one driver process imports the entry points once and forks a child per case, which runs the
-# module as ``python -m`` would (``runpy.run_module(..., run_name="__main__")``, its own process group, stderr to a
-# file, then the exit steps of the interpreter up to module teardown). The driver never runs a torch op before
-# forking. The cases in REAL_SUBPROCESS run as genuine ``python -m`` subprocesses instead and meet the same
-# assertions.
-DRIVER = r"""
-import atexit, json, os, runpy, signal, sys, threading, time
-import model.train_video, model.evaluate, model.tag_segments  # imported once; no torch op runs before a fork
-cases, timeout = json.loads(sys.argv[1]), float(sys.argv[2])
-results = {}
-for name, (module, argv) in cases.items():
-    log = argv.pop()
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:
-        os.setpgid(0, 0)
-        for fd, path in ((1, log + ".out"), (2, log)):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-        sys.argv = [module, *argv]
-        sys.modules.pop(module, None)  # run fresh as __main__, as ``python -m`` does
-        code = 0
-        try:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, (int, type(None))):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            sys.excepthook(*sys.exc_info())  # the traceback an uncaught exception prints
-            code = 1
-        # what interpreter exit does before tearing down modules: join non-daemon threads, run atexit callbacks
-        # (DataLoader workers are shut down there), flush; the teardown itself is skipped (2 s of copy-on-write)
-        threading._shutdown()
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    start, status = time.monotonic(), None
-    while status is None:
-        done, st = os.waitpid(pid, os.WNOHANG)
-        if done:
-            status = os.waitstatus_to_exitcode(st)
-        elif time.monotonic() - start > timeout:
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            status = "timeout"
-        else:
-            time.sleep(0.01)
-    results[name] = {"returncode": status, "seconds": round(time.monotonic() - start, 2)}
-    try:  # DataLoader workers of the child, if any outlived it
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-print(json.dumps(results))
-"""
+# reads an argument, so tests/entry_point_driver.py imports them once and forks a child per case that runs the
+# module as ``python -m`` would (its own process group, stderr to a file). The cases in REAL_SUBPROCESS run as
+# genuine ``python -m`` subprocesses instead and meet the same assertions.
+DRIVER = REPO / "tests" / "entry_point_driver.py"
 CASE_TIMEOUT = 120  # seconds: a case still running then is a hang
 
 
@@ -443,14 +392,14 @@ def damaged(data, checkpoint, tmp_path_factory) -> dict:
                                     "--workers", "0", "--device", "cpu"])
             expect[name] = str(bad)
     real = {name: cases.pop(name) for name in REAL_SUBPROCESS}
-    for name, (_, argv) in cases.items():
-        argv.append(str(root / f"{name.replace(' ', '_')}.stderr"))
-    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases), str(CASE_TIMEOUT)], cwd=REPO, env=ENV,
-                       capture_output=True, text=True, timeout=CASE_TIMEOUT * len(cases) + 60)
+    logs = {name: root / f"{name.replace(' ', '_')}.stderr" for name in cases}
+    spec = {name: [module, argv, f"{logs[name]}.out", str(logs[name])] for name, (module, argv) in cases.items()}
+    r = subprocess.run([sys.executable, str(DRIVER), json.dumps(spec), str(CASE_TIMEOUT), "model.train_video",
+                        "model.evaluate", "model.tag_segments"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=CASE_TIMEOUT * len(cases) + 60)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
-    got = {name: (results[name]["returncode"], Path(argv[-1]).read_text(), expect[name], outs[name])
-           for name, (_, argv) in cases.items()}
+    got = {name: (results[name]["returncode"], logs[name].read_text(), expect[name], outs[name]) for name in cases}
     for name, (module, argv) in real.items():
         try:
             p = _run(module, *argv, timeout=CASE_TIMEOUT)

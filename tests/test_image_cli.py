@@ -3,9 +3,9 @@ and ``model.predict_image``.
 
 Training and the happy paths run in-process (``main(get_args_parser().parse_args([...]))``). The user errors are
 checked as real processes (exit status, stderr exactly one ``error:`` line, no traceback), but a cold ``python -m``
-costs ~7 s of imports each, so one driver process (``_DRIVER``) imports torch and the entry points' dependencies
-once, then forks one child per command line; the child runs the entry module as ``__main__`` (what ``python -m``
-does) with its own stdout/stderr files and exit status. The driver's own stderr must stay empty, so import-time
+costs ~7 s of imports each, so one driver process (tests/entry_point_driver.py) imports torch and the entry points'
+dependencies once, then forks one child per command line; the child runs the entry module as ``__main__`` (what
+``python -m`` does) with its own stdout/stderr files and exit status. The driver's own stderr must stay empty, so import-time
 noise that a cold process would print is still caught.
 """
 from __future__ import annotations
@@ -270,50 +270,23 @@ def test_evaluate_image_equals_training_validation(augmented, coco, tmp_path, ca
 
 
 # -- 4, 6, 7 (errors) and 5's threshold: one process per command line ------------------------------------------------
-_DRIVER = r"""
-import json, os, runpy, sys, traceback
-import model, model.train_image, model.evaluate, model.predict_image  # shared warm imports
-ENTRY = ("model.train_image", "model.evaluate", "model.predict_image")
-codes = []
-for module, argv, out_path, err_path in json.loads(sys.argv[1]):
-    sys.stdout.flush(); sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        os.dup2(os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
-        os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-        for name in ENTRY:
-            sys.modules.pop(name, None)  # run as a fresh __main__, as python -m does
-        sys.argv = [module] + argv
-        code = 0
-        try:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, (int, type(None))):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush(); sys.stderr.flush()
-        os._exit(code)
-    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(codes))
-"""
+DRIVER = REPO / "tests" / "entry_point_driver.py"
 
 
 def _run_cli_cases(cases: dict[str, tuple[str, list[str]]], folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     names = list(cases)
-    spec = [[cases[n][0], [str(a) for a in cases[n][1]], str(folder / f"{n}.out"), str(folder / f"{n}.err")]
-            for n in names]
+    spec = {n: [cases[n][0], [str(a) for a in cases[n][1]], str(folder / f"{n}.out"), str(folder / f"{n}.err")]
+            for n in names}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(spec)], cwd=REPO, capture_output=True,
-                          text=True, timeout=240, env=env)
+    proc = subprocess.run([sys.executable, str(DRIVER), json.dumps(spec), "120", "model", "model.train_image",
+                           "model.evaluate", "model.predict_image"], cwd=REPO, capture_output=True, text=True,
+                          timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr == "", proc.stderr[-3000:]  # nothing printed while importing
-    codes = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {n: {"rc": rc, "stdout": (folder / f"{n}.out").read_text(), "stderr": (folder / f"{n}.err").read_text()}
-            for n, rc in zip(names, codes)}
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {n: {"rc": results[n]["returncode"], "stdout": (folder / f"{n}.out").read_text(),
+                "stderr": (folder / f"{n}.err").read_text()} for n in names}
 
 
 def _one_error_line(r: dict) -> str:
