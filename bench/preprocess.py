@@ -139,7 +139,7 @@ def outside_beam_steps(files: list[str], whitening_path: str, out_path: str) -> 
     from apache_beam.io.parquetio import _RowDictionariesToArrowTable
     from apache_beam.transforms.window import GlobalWindow
 
-    from beam_jobs.preprocess import ROW_BATCH, ROW_GROUP_BYTES
+    from beam_jobs.preprocess import ROW_BATCH, ROW_GROUP_BYTES, WHITEN_BATCH_FRAMES
     from pipeline import shards
     from pipeline.records import decode_record
     from pipeline.tfrecord import iter_records
@@ -188,7 +188,7 @@ def outside_beam_steps(files: list[str], whitening_path: str, out_path: str) -> 
             x @ proj
             matmul_alone += clock() - a
         matmul_cpu += time.process_time() - cpu
-        for batch in _job_batches(decoded):  # the same, in the batches the job's WhitenVideoFn forms
+        for batch in _job_batches(decoded, WHITEN_BATCH_FRAMES):  # the same, in the batches the job's WhitenVideoFn forms
             a = clock()
             batch @ proj
             matmul_batched += clock() - a
@@ -198,19 +198,13 @@ def outside_beam_steps(files: list[str], whitening_path: str, out_path: str) -> 
     writer.close()
     seconds["write"] += clock() - a
     return {"frames": frames, "dims": w.output_dim, "seconds": seconds, "matmul_alone": matmul_alone,
-            "matmul_alone_cpu": matmul_cpu, "matmul_batched": matmul_batched}
+            "matmul_alone_cpu": matmul_cpu, "matmul_batched": matmul_batched, "batch_frames": WHITEN_BATCH_FRAMES}
 
 
-def _batch_frames() -> int:
-    from beam_jobs.preprocess import WHITEN_BATCH_FRAMES
-
-    return WHITEN_BATCH_FRAMES
-
-
-def _job_batches(videos: list[np.ndarray]):
-    """Consecutive videos stacked until ``WHITEN_BATCH_FRAMES`` rows, as ``WhitenVideoFn`` stacks them (within
-    one file: a bundle here is a file's records)."""
-    pending, rows, limit = [], 0, _batch_frames()
+def _job_batches(videos: list[np.ndarray], limit: int):
+    """Consecutive videos stacked until ``limit`` rows, as ``WhitenVideoFn`` stacks them (within one file: a bundle
+    here is a file's records)."""
+    pending, rows = [], 0
     for x in videos:
         pending.append(x)
         rows += x.shape[0]
@@ -369,7 +363,7 @@ def main(args: argparse.Namespace) -> None:
 
     print("\n### 2. Write pass per worker against the compute bound (the whitening matmul alone)\n")
     print(f"Compute bound: `x @ projection`, float32 (N, 1024) @ (1024, {outside['dims']}), one BLAS thread, "
-          f"same frames, in the job's batches (videos stacked to >= {_batch_frames()} frames): {bound_fps:,.0f} "
+          f"same frames, in the job's batches (videos stacked to >= {outside['batch_frames']} frames): {bound_fps:,.0f} "
           f"frames/s of wall time ({batched_s:.1f} s for {total} frames). One video per matmul (the tf.data "
           f"baseline's way): {per_video_fps:,.0f} frames/s ({matmul_s:.1f} s; {bound_cpu_fps:,.0f} frames per CPU "
           f"second).\n")

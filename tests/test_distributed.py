@@ -19,6 +19,8 @@ from model.engine.distributed import CrossRankBatchNorm, convert_sync_batch_norm
 from model.metrics.video import MetricsError, VideoMetrics
 from model.networks.video_backbones import MaskedBatchNorm1d
 
+from conftest import prepare_planted_splits
+
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (7, 31, 22)  # uneven shards: 60 training videos
 
@@ -26,19 +28,7 @@ SIZES = (7, 31, 22)  # uneven shards: 60 training videos
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """60 training videos re-cut into 3 uneven shards of 5-video row groups, and 24 validation videos."""
-    from beam_jobs import preprocess
-    from pipeline import synthetic
-
-    root = tmp_path_factory.mktemp("ddp")
-    synthetic.main(["--out", str(root / "raw/train"), "--videos", str(sum(SIZES)), "--shards", "1", "--seed", "11",
-                    "--prefix", "train"])
-    synthetic.main(["--out", str(root / "raw/val"), "--videos", "24", "--shards", "1", "--seed", "12",
-                    "--prefix", "validate"])
-    beam = ["--direct_num_workers", "1"]
-    preprocess.run(["--input", str(root / "raw/train/*.tfrecord"), "--output", str(root / "one"),
-                    "--pca-dims", "32"] + beam)
-    preprocess.run(["--input", str(root / "raw/val/*.tfrecord"), "--output", str(root / "val"),
-                    "--whitening", str(root / "one/whitening.npz")] + beam)
+    root = prepare_planted_splits(tmp_path_factory.mktemp("ddp"), sum(SIZES), 1, train_out="one")
     table = pq.read_table(next((root / "one/shards").glob("*.parquet")))
     (root / "train").mkdir()
     start = 0

@@ -17,6 +17,8 @@ from model.engine.submission import recompute_gap_from_csv
 from model.networks.video_model import CMA_FLAG_DEFAULTS
 from pipeline.shards import iter_videos
 
+from conftest import prepare_planted_splits
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--optimizer", "adam", "--lr", "3e-3", "--batch-size", "16", "--workers", "0", "--device", "cpu",
         "--num-classes", "3862", "--asge-epochs", "30", "--shuffle-buffer", "64"]
@@ -25,20 +27,7 @@ TINY = ["--optimizer", "adam", "--lr", "3e-3", "--batch-size", "16", "--workers"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """Train/validate splits: 64 + 24 synthetic videos through the real Beam job, whitened to 32 dims."""
-    from beam_jobs import preprocess
-    from pipeline import synthetic
-
-    root = tmp_path_factory.mktemp("tv")
-    synthetic.main(["--out", str(root / "raw/train"), "--videos", "64", "--shards", "2", "--seed", "11",
-                    "--prefix", "train"])
-    synthetic.main(["--out", str(root / "raw/val"), "--videos", "24", "--shards", "1", "--seed", "12",
-                    "--prefix", "validate"])
-    beam = ["--direct_num_workers", "1"]
-    preprocess.run(["--input", str(root / "raw/train/*.tfrecord"), "--output", str(root / "train"),
-                    "--pca-dims", "32"] + beam)
-    preprocess.run(["--input", str(root / "raw/val/*.tfrecord"), "--output", str(root / "val"),
-                    "--whitening", str(root / "train/whitening.npz")] + beam)
-    return root
+    return prepare_planted_splits(tmp_path_factory.mktemp("tv"), 64, 2)
 
 
 def _train(data: Path, out: Path, *extra: str) -> dict:
