@@ -150,7 +150,8 @@ def write_library(path: str, frames, values, ids, dtype, compression, row_group_
     schema = shards.shard_schema({"rgb": values.shape[1]}, dtype=dtype)
     stored = values.astype(np.dtype(dtype).newbyteorder("<"))
     offsets = frame_offsets(frames)
-    with shards.ShardWriter(path, schema, row_group_size=row_group_size, compression=compression) as w:
+    with shards.ShardWriter(path, schema, row_group_size=row_group_size, compression=compression,
+                            frame_compression=compression) as w:
         for i, vid in enumerate(ids):
             w.write({"id": vid, "labels": [1, 2], "num_frames": int(frames[i]),
                      "rgb": stored[offsets[i]:offsets[i + 1]].tobytes()})
@@ -198,7 +199,7 @@ def main(argv=None) -> None:
             cases.append((name, comp, "fsspec file object", wt, os.path.getsize(path),
                           functools.partial(read_layout, path, decoder, args.dim, False, True),
                           functools.partial(read_layout, path, decoder, args.dim, True, True)))
-    for comp in ("snappy", "zstd"):
+    for comp in ("none", "snappy", "zstd"):  # "none": the shards' default frame codec
         path = str(out / f"library_{comp}.parquet")
         wt = write_library(path, frames, values, ids, "float16", comp, args.row_group_size)
         cases.append(("pipeline.shards (binary float16)", comp, "library", wt, os.path.getsize(path),

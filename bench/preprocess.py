@@ -150,7 +150,7 @@ def outside_beam_steps(files: list[str], whitening_path: str, out_path: str) -> 
     schema = shards.shard_schema({"rgb": w.output_dim}, dtype="float16", has_segments=False, level="frame",
                                  whitening_sha256="0" * 64)
     to_table = _RowDictionariesToArrowTable(schema, ROW_GROUP_BYTES, ROW_BATCH)
-    writer = pq.ParquetWriter(out_path, schema, compression=shards.DEFAULT_COMPRESSION)
+    writer = pq.ParquetWriter(out_path, schema, **shards.writer_options(schema))
     seconds = dict.fromkeys(OUTSIDE_STEPS, 0.0)
     clock = time.perf_counter
     frames, matmul_alone, matmul_cpu, matmul_batched = 0, 0.0, 0.0, 0.0

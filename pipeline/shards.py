@@ -4,9 +4,11 @@ One row per video. Each feature is one ``binary`` cell holding the whitened (num
 little-endian float16 (default) or float32 bytes. bench/parquet_layout.py measures this against nested
 ``list<list<float>>`` and flat ``list<float>`` columns: a blob is decoded with a single ``np.frombuffer`` over the
 row group's data buffer, without Parquet's repetition/definition levels, and reads many times faster.
-Compression defaults to snappy: whitened float16 frames are close to incompressible (zstd saves about 8% of the
-bytes, snappy nothing), while zstd decompression cuts the Arrow-level read rate of the blob column 2.5-3.5x and the
-float32 rate of ``iter_videos`` about 1.5x. Pass ``compression="zstd"`` where storage or network bytes matter more.
+The small columns are snappy-compressed; the frame blobs are stored uncompressed by default. Whitened float16
+frames are close to incompressible: snappy saved nothing on them (compressed/uncompressed 1.0000 on 64- and
+1024-dim shards) and only cost the writer and every reader time, zstd saves about 8% of the bytes but cuts the
+Arrow-level read rate of the blob column 2.5-3.5x and the float32 rate of ``iter_videos`` about 1.5x. Pass
+``frame_compression="zstd"`` where storage or network bytes matter more.
 Local shards are opened with Arrow's own file reader, remote ones through fsspec file objects.
 
 The schema metadata key ``yt8m_cma`` holds JSON: format version, level, storage dtype, feature dims (in column
@@ -42,7 +44,8 @@ LEVELS = ("frame", "video")
 BASE_COLUMNS = ("id", "labels", "num_frames")
 SEGMENT_COLUMNS = ("segment_start_times", "segment_labels", "segment_scores")
 DEFAULT_ROW_GROUP_SIZE = 128  # videos; at 300 frames x 1024 float16 that is at most 79 MB of rgb per row group
-DEFAULT_COMPRESSION = "snappy"
+DEFAULT_COMPRESSION = "snappy"  # the small columns (id, labels, segments)
+DEFAULT_FRAME_COMPRESSION = "none"  # the feature blobs: see the module docstring
 _GLOB_CHARS = set("*?[")
 
 
@@ -211,14 +214,27 @@ def record_to_row(record, whitened: Mapping[str, np.ndarray], dtype: str = "floa
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
-def writer_options(schema: pa.Schema, compression: str = DEFAULT_COMPRESSION) -> dict:
+def writer_options(schema: pa.Schema, compression: str = DEFAULT_COMPRESSION,
+                   frame_compression: str = DEFAULT_FRAME_COMPRESSION) -> dict:
     """``pq.ParquetWriter`` keyword arguments for a shard of ``schema``; every writer of shards uses them
     (``ShardWriter``, and ``beam_jobs.preprocess``'s Beam sink). CRC32 of every data page, verified on read
     (``_open_parquet``): a flipped byte inside a shard is an error naming the file, never silently different frames.
-    Dictionaries and statistics only for the small columns, not the frame blobs."""
+    Dictionaries and statistics only for the small columns, not the frame blobs; ``compression`` for the small
+    columns, ``frame_compression`` for the blobs."""
     features = parse_schema_metadata(schema, "shard schema")["features"]
     plain = [c for c in schema.names if c not in features]
-    return dict(compression=compression, use_dictionary=plain, write_statistics=plain, write_page_checksum=True)
+    codecs = {path: frame_compression if field.name in features else compression
+              for field in schema for path in _leaf_paths(field)}
+    return dict(compression=codecs, use_dictionary=plain, write_statistics=plain, write_page_checksum=True)
+
+
+def _leaf_paths(field: pa.Field) -> tuple[str, ...]:
+    """Parquet column paths of a top-level field, as a per-column codec needs them: a column left out of that dict
+    is written uncompressed. A list's leaf is ``element`` in Parquet's compliant nesting (pyarrow's default) and
+    ``item`` in the legacy one (Beam's Parquet sink); naming both fits either, and pyarrow ignores the other."""
+    if pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
+        return f"{field.name}.list.element", f"{field.name}.list.item"
+    return (field.name,)
 
 
 class ShardWriter:
@@ -232,11 +248,12 @@ class ShardWriter:
         path: local path or fsspec URL of the shard.
         schema: from ``shard_schema``.
         row_group_size: rows (videos) per row group; bounds a reader's memory.
-        compression: Parquet codec (``zstd``, ``snappy``, ``none``, ...).
+        compression: Parquet codec of the small columns (``zstd``, ``snappy``, ``none``, ...).
+        frame_compression: Parquet codec of the feature blobs.
     """
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-                 compression: str = DEFAULT_COMPRESSION):
+                 compression: str = DEFAULT_COMPRESSION, frame_compression: str = DEFAULT_FRAME_COMPRESSION):
         if row_group_size < 1:
             raise ShardError(f"row_group_size must be positive, got {row_group_size}")
         self.path = str(path)
@@ -253,7 +270,7 @@ class ShardWriter:
         parent = posixpath.dirname(self._fs_path)
         if parent:
             self._fs.makedirs(parent, exist_ok=True)
-        options = writer_options(schema, compression)
+        options = writer_options(schema, compression, frame_compression)
         if self._local:
             self._tmp: str | None = f"{self._fs_path}.tmp-{uuid.uuid4().hex}"
             self._file = None

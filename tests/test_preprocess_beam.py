@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs import options as job_options
@@ -77,8 +78,6 @@ def sha256(path: Path) -> str:
 def counts_from_outputs(out: Path) -> dict:
     """read / written / written_frames / dead-lettered by reason, counted here from the files the job wrote, with
     pyarrow and json only (not with the job's own output_counts)."""
-    import pyarrow.parquet as pq
-
     shard_files = sorted((out / "shards").glob("*.parquet"))
     written = sum(pq.read_metadata(p).num_rows for p in shard_files)
     frames = sum(int(pq.read_table(p, columns=["num_frames"]).column(0).to_numpy().sum()) for p in shard_files)
@@ -168,6 +167,12 @@ def test_train_and_validation_splits_end_to_end(raw, tmp_path):
     assert names == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
     train_sha = sha256(train / "whitening.npz")
     assert {shards.read_shard_info(str(p)).whitening_sha256 for p in (train / "shards").iterdir()} == {train_sha}
+    # Beam's sink writes the shards' codecs (pipeline.shards.writer_options): frame blobs as they are, the rest snappy
+    md = pq.ParquetFile(train / "shards" / names[0]).metadata
+    codecs = {md.row_group(0).column(c).path_in_schema.split(".")[0]: md.row_group(0).column(c).compression
+              for c in range(md.num_columns)}
+    assert codecs == {"id": "SNAPPY", "labels": "SNAPPY", "num_frames": "SNAPPY", "rgb": "UNCOMPRESSED",
+                      "audio": "UNCOMPRESSED"}
 
     # validation split: reuses the training statistics byte for byte, keeps its segment ratings
     preprocess.run(["--input", str(raw / "val/*.tfrecord"), "--output", str(val), "--features", "rgb,audio",

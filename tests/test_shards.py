@@ -73,6 +73,28 @@ def test_write_read_round_trip(tmp_path, dtype, segments):
             np.testing.assert_array_equal(v.segment_scores, rec.segment_scores)
 
 
+@pytest.mark.parametrize("frame_codec", [None, "snappy", "zstd"])
+def test_frame_blobs_uncompressed_by_default_small_columns_snappy(tmp_path, frame_codec):
+    """Whitened frames are noise to a codec (snappy saved nothing on them), so their blobs are stored as they are
+    unless a frame codec is asked for; the small columns keep snappy; the frames read back the same either way."""
+    videos = make_videos(6, seed=2, segments=True)
+    schema = shard_schema(DIMS, dtype="float16", has_segments=True, whitening_sha256=SHA)
+    kwargs = {} if frame_codec is None else {"frame_compression": frame_codec}
+    path = tmp_path / "s.parquet"
+    with ShardWriter(path, schema, row_group_size=4, **kwargs) as w:
+        for rec, white in videos:
+            w.write(record_to_row(rec, white, "float16", has_segments=True))
+    md = pq.ParquetFile(path).metadata
+    codecs = {md.row_group(g).column(c).path_in_schema.split(".")[0]: md.row_group(g).column(c).compression
+              for g in range(md.num_row_groups) for c in range(md.num_columns)}
+    expected = (frame_codec or "uncompressed").upper()
+    assert {codecs["rgb"], codecs["audio"]} == {expected}
+    assert {codecs[name] for name in codecs if name not in DIMS} == {"SNAPPY"}
+    for v, (rec, white) in zip(iter_videos(str(path), features=("rgb", "audio")), videos):
+        for name, mat in white.items():
+            np.testing.assert_array_equal(v.features[name], mat.astype(np.float16).astype(np.float32))
+
+
 def test_ratings_past_the_last_frame_are_kept_and_told_apart_by_num_frames(tmp_path):
     from pipeline.records import segment_outside_frames
 
