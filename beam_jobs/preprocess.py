@@ -897,15 +897,27 @@ class WriteShards(beam.PTransform):
 
 class ShardParquetSink(parquetio._ParquetSink):
     """Beam's Parquet sink opening its writer with ``pipeline.shards.writer_options``, as ``ShardWriter`` does.
-    Beam's own sink (2.77) passes only the codec: its shards had no page checksums, so a flipped byte in their frames
-    read back as silently different frames (tests/test_faults.py)."""
+    Beam's own sink passes only the codec: its shards had no page checksums, so a flipped byte in their frames read
+    back as silently different frames (tests/test_faults.py).
+
+    ``open``, ``write_record`` and ``close`` are overridden together because what ``open`` hands the other two is
+    private to Beam and changed between releases (2.77 kept the file handle on the sink, 2.78 returns a pair)."""
 
     def open(self, temp_path):
-        self._file_handle = filebasedsink.FileBasedSink.open(self, temp_path)
-        return pq.ParquetWriter(self._file_handle, self._schema,
-                                use_deprecated_int96_timestamps=self._use_deprecated_int96_timestamps,
-                                use_compliant_nested_type=self._use_compliant_nested_type,
-                                **shards.writer_options(self._schema, self._codec))
+        handle = filebasedsink.FileBasedSink.open(self, temp_path)
+        writer = pq.ParquetWriter(handle, self._schema,
+                                  use_deprecated_int96_timestamps=self._use_deprecated_int96_timestamps,
+                                  use_compliant_nested_type=self._use_compliant_nested_type,
+                                  **shards.writer_options(self._schema, self._codec))
+        return writer, handle
+
+    def write_record(self, writer_and_handle, table):
+        writer_and_handle[0].write_table(table)
+
+    def close(self, writer_and_handle):
+        writer, handle = writer_and_handle
+        writer.close()
+        handle.close()
 
 
 def _json_line(value: dict) -> str:

@@ -176,7 +176,7 @@ def outside_beam_steps(files: list[str], whitening_path: str, out_path: str) -> 
                 row = shards.record_to_row(record, {"rgb": white}, "float16", has_segments=False)
                 marks.append(clock())
                 for table in to_table.process(row, w=GlobalWindow()):
-                    writer.write_table(table)
+                    writer.write_table(_unwindowed(table))
                 marks.append(clock())
                 for step, a, b in zip(OUTSIDE_STEPS, marks, marks[1:]):
                     seconds[step] += b - a
@@ -194,11 +194,18 @@ def outside_beam_steps(files: list[str], whitening_path: str, out_path: str) -> 
             matmul_batched += clock() - a
     a = clock()
     for windowed in to_table.finish_bundle():
-        writer.write_table(windowed.value)
+        writer.write_table(_unwindowed(windowed))
     writer.close()
     seconds["write"] += clock() - a
     return {"frames": frames, "dims": w.output_dim, "seconds": seconds, "matmul_alone": matmul_alone,
             "matmul_alone_cpu": matmul_cpu, "matmul_batched": matmul_batched, "batch_frames": WHITEN_BATCH_FRAMES}
+
+
+def _unwindowed(output):
+    """A table that Beam's row-to-table DoFn emitted: bare from ``process`` before Beam 2.78, windowed after."""
+    import pyarrow as pa
+
+    return output if isinstance(output, pa.Table) else output.value
 
 
 def _job_batches(videos: list[np.ndarray], limit: int):
