@@ -77,8 +77,10 @@ from typing import Callable, Iterator, Sequence
 import apache_beam as beam
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io import filebasedsink, parquetio
+from apache_beam.io import filebasedsink
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
@@ -115,7 +117,6 @@ WHITEN_BATCH_FRAMES = 2048
 # Parquet row groups of about 8 MiB uncompressed (~14 full-length float16 rgb videos): the unit model.data.video can
 # hand to separate readers when there are fewer shards than readers.
 ROW_GROUP_BYTES = 8 << 20
-ROW_BATCH = 8
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -876,6 +877,10 @@ class WriteDeadLetters(beam.PTransform):
 class WriteShards(beam.PTransform):
     """PCollection[row dict] -> ``DIR/shards/part-SSSSS-of-NNNNN.parquet``.
 
+    Built on Beam's public file sink rather than ``WriteToParquet``: that transform passes only a codec to its
+    writer, so its shards had no page checksums (a flipped byte read back as silently different frames,
+    tests/test_faults.py), and reaching into it meant depending on Beam internals that changed between releases.
+
     Args:
         directory: the ``shards`` directory.
         schema: pyarrow schema from ``pipeline.shards.shard_schema``.
@@ -887,29 +892,63 @@ class WriteShards(beam.PTransform):
         self.directory, self.schema, self.num_shards = directory, schema, num_shards
 
     def expand(self, rows):
-        write = beam.io.WriteToParquet(
-            _join(self.directory, "part"), self.schema, file_name_suffix=".parquet", num_shards=self.num_shards,
-            shard_name_template="-SSSSS-of-NNNNN", codec=shards.DEFAULT_COMPRESSION,
-            row_group_buffer_size=ROW_GROUP_BYTES, record_batch_size=ROW_BATCH)
-        write._sink.__class__ = ShardParquetSink  # same state, our writer options
-        return rows | "WriteParquet" >> write
+        return (rows
+                | "ToRowGroups" >> beam.ParDo(RowsToRowGroupsFn(self.schema, ROW_GROUP_BYTES))
+                | "WriteParquet" >> beam.io.Write(ShardSink(_join(self.directory, "part"), self.schema,
+                                                            self.num_shards)))
 
 
-class ShardParquetSink(parquetio._ParquetSink):
-    """Beam's Parquet sink opening its writer with ``pipeline.shards.writer_options``, as ``ShardWriter`` does.
-    Beam's own sink passes only the codec: its shards had no page checksums, so a flipped byte in their frames read
-    back as silently different frames (tests/test_faults.py).
+class RowsToRowGroupsFn(beam.DoFn):
+    """row dict -> pyarrow.Table of whole rows holding at least ``row_group_bytes`` of feature blobs (the last table
+    of a bundle holds the rest); the sink writes each table as one Parquet row group.
 
-    ``open``, ``write_record`` and ``close`` are overridden together because what ``open`` hands the other two is
-    private to Beam and changed between releases (2.77 kept the file handle on the sink, 2.78 returns a pair)."""
+    Args:
+        schema: the shards' pyarrow schema.
+        row_group_bytes: feature bytes per row group.
+    """
+
+    def __init__(self, schema, row_group_bytes: int = ROW_GROUP_BYTES):
+        self.schema, self.row_group_bytes = schema, row_group_bytes
+        self.features = tuple(shards.parse_schema_metadata(schema)["features"])
+
+    def start_bundle(self):
+        self._rows, self._bytes = [], 0
+
+    def process(self, row: dict):
+        self._rows.append(row)
+        self._bytes += sum(len(row[name]) for name in self.features)
+        if self._bytes >= self.row_group_bytes:
+            yield self._table()
+
+    def finish_bundle(self):
+        if self._rows:
+            yield GlobalWindows.windowed_value(self._table())
+
+    def _table(self):
+        table = pa.Table.from_pylist(self._rows, schema=self.schema)
+        self._rows, self._bytes = [], 0
+        return table
+
+
+class ShardSink(filebasedsink.FileBasedSink):
+    """Beam file sink of pyarrow tables into Parquet files written with ``pipeline.shards.writer_options`` (the
+    codecs and page checksums ``ShardWriter`` uses); each table becomes one row group.
+
+    Args:
+        prefix: path prefix of the files (``DIR/part``).
+        schema: the shards' pyarrow schema.
+        num_shards: number of files; 0 lets the runner decide.
+    """
+
+    def __init__(self, prefix: str, schema, num_shards: int = 0):
+        super().__init__(prefix, coder=None, file_name_suffix=".parquet", num_shards=num_shards,
+                         shard_name_template="-SSSSS-of-NNNNN", mime_type="application/x-parquet",
+                         compression_type=CompressionTypes.UNCOMPRESSED)
+        self.schema = schema
 
     def open(self, temp_path):
-        handle = filebasedsink.FileBasedSink.open(self, temp_path)
-        writer = pq.ParquetWriter(handle, self._schema,
-                                  use_deprecated_int96_timestamps=self._use_deprecated_int96_timestamps,
-                                  use_compliant_nested_type=self._use_compliant_nested_type,
-                                  **shards.writer_options(self._schema, self._codec))
-        return writer, handle
+        handle = super().open(temp_path)
+        return pq.ParquetWriter(handle, self.schema, **shards.writer_options(self.schema)), handle
 
     def write_record(self, writer_and_handle, table):
         writer_and_handle[0].write_table(table)

@@ -136,10 +136,7 @@ def outside_beam_steps(files: list[str], whitening_path: str, out_path: str) -> 
 
     Returns {"frames", "dims", "seconds": {step: s}, "matmul_alone": s, "matmul_alone_cpu": s}."""
     import pyarrow.parquet as pq
-    from apache_beam.io.parquetio import _RowDictionariesToArrowTable
-    from apache_beam.transforms.window import GlobalWindow
-
-    from beam_jobs.preprocess import ROW_BATCH, ROW_GROUP_BYTES, WHITEN_BATCH_FRAMES
+    from beam_jobs.preprocess import ROW_GROUP_BYTES, WHITEN_BATCH_FRAMES, RowsToRowGroupsFn
     from pipeline import shards
     from pipeline.records import decode_record
     from pipeline.tfrecord import iter_records
@@ -149,7 +146,8 @@ def outside_beam_steps(files: list[str], whitening_path: str, out_path: str) -> 
     mean, proj = w.mean.astype(np.float32), w.projection.astype(np.float32)
     schema = shards.shard_schema({"rgb": w.output_dim}, dtype="float16", has_segments=False, level="frame",
                                  whitening_sha256="0" * 64)
-    to_table = _RowDictionariesToArrowTable(schema, ROW_GROUP_BYTES, ROW_BATCH)
+    to_table = RowsToRowGroupsFn(schema, ROW_GROUP_BYTES)
+    to_table.start_bundle()
     writer = pq.ParquetWriter(out_path, schema, **shards.writer_options(schema))
     seconds = dict.fromkeys(OUTSIDE_STEPS, 0.0)
     clock = time.perf_counter
@@ -175,8 +173,8 @@ def outside_beam_steps(files: list[str], whitening_path: str, out_path: str) -> 
                 marks.append(clock())
                 row = shards.record_to_row(record, {"rgb": white}, "float16", has_segments=False)
                 marks.append(clock())
-                for table in to_table.process(row, w=GlobalWindow()):
-                    writer.write_table(_unwindowed(table))
+                for table in to_table.process(row):
+                    writer.write_table(table)
                 marks.append(clock())
                 for step, a, b in zip(OUTSIDE_STEPS, marks, marks[1:]):
                     seconds[step] += b - a
@@ -194,18 +192,11 @@ def outside_beam_steps(files: list[str], whitening_path: str, out_path: str) -> 
             matmul_batched += clock() - a
     a = clock()
     for windowed in to_table.finish_bundle():
-        writer.write_table(_unwindowed(windowed))
+        writer.write_table(windowed.value)
     writer.close()
     seconds["write"] += clock() - a
     return {"frames": frames, "dims": w.output_dim, "seconds": seconds, "matmul_alone": matmul_alone,
             "matmul_alone_cpu": matmul_cpu, "matmul_batched": matmul_batched, "batch_frames": WHITEN_BATCH_FRAMES}
-
-
-def _unwindowed(output):
-    """A table that Beam's row-to-table DoFn emitted: bare from ``process`` before Beam 2.78, windowed after."""
-    import pyarrow as pa
-
-    return output if isinstance(output, pa.Table) else output.value
 
 
 def _job_batches(videos: list[np.ndarray], limit: int):
