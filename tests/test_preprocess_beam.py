@@ -646,3 +646,32 @@ def test_batched_whitening_equals_one_video_at_a_time_and_keeps_dead_letters(tmp
         (d["id"], d["reason"], d["position"]) for d in want_dead]
     assert counts["written_records"] == 6 and counts["written_frames"] == sum(r["num_frames"] for r in rows)
     assert counts["written_frames"] == want_counts["written_frames"]
+
+
+def test_row_groups_hold_whole_rows_of_at_least_the_target_bytes_and_lose_nothing():
+    """RowsToRowGroupsFn: every table but a bundle's last holds >= row_group_bytes of feature blobs, no table
+    holds a row more than it needs, and the rows come out whole, in order, under the shards' schema."""
+    schema = shards.shard_schema({"rgb": 4, "audio": 2}, dtype="float16", has_segments=False, level="frame",
+                                 whitening_sha256="0" * 64)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        t = int(rng.integers(1, 30))
+        rows.append({"id": f"v{i}", "labels": [i % 5], "num_frames": t,
+                     "rgb": rng.standard_normal((t, 4)).astype(np.float16).tobytes(),
+                     "audio": rng.standard_normal((t, 2)).astype(np.float16).tobytes()})
+    blob = [len(r["rgb"]) + len(r["audio"]) for r in rows]
+    target = 1000
+    fn = preprocess.RowsToRowGroupsFn(schema, target)
+    fn.start_bundle()
+    tables = [t for r in rows for t in fn.process(r)]
+    (last,) = [w.value for w in fn.finish_bundle()]
+    assert len(tables) >= 2 and all(t.schema.equals(schema) for t in tables + [last])
+    start = 0
+    for t in tables:
+        sizes = blob[start:start + t.num_rows]
+        assert sum(sizes) >= target and sum(sizes[:-1]) < target
+        start += t.num_rows
+    assert 0 < sum(blob[start:]) < target and last.num_rows == len(rows) - start
+    out = [row for t in tables + [last] for row in t.to_pylist()]
+    assert out == rows
