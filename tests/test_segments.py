@@ -131,7 +131,10 @@ def test_score_video_segments_single_and_batch():
     mask = torch.ones(2, 11, dtype=torch.bool)
     mask[1, 3:] = False
     rows = sg.score_video_segments(model, x, mask, scorer="frames", top_k=3)
-    assert rows[0] == sg.score_video_segments(model, x[0], scorer="frames", top_k=3)
+    single = sg.score_video_segments(model, x[0], scorer="frames", top_k=3)
+    # the same rows; scores equal up to float32 rounding (a batch of 2 may take another matmul kernel than 1 video)
+    assert [r[:2] for r in rows[0]] == [r[:2] for r in single]
+    np.testing.assert_allclose([r[2] for r in rows[0]], [r[2] for r in single], rtol=1e-5)
     assert [r[0] for r in rows[1]] == [0, 0, 0]  # 3 frames: one window
     scores = sg.score_segments(model, x[1:2, :3], None, "frames").scores[0, 0]
     top = torch.topk(scores, 3)
