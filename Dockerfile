@@ -8,14 +8,14 @@
 #       --sdk_container_image=REGION-docker.pkg.dev/PROJECT/REPO/yt8m-cma:tagging
 #
 # The base image must carry the Beam version and Python minor version of the machine that launches the job
-# (here apache-beam 2.77.0 on Python 3.11, as in .venv); pass --build-arg BEAM_VERSION=... / PYTHON_VERSION=...
-# when they differ. The base image's ENTRYPOINT (/opt/apache/beam/boot, the SDK harness boot program) is kept:
-# this file sets none.
+# (the defaults below were .venv's when last edited); pass them from the launching environment:
+#   --build-arg BEAM_VERSION=$(python -c "import apache_beam; print(apache_beam.__version__)")
+# The base image's ENTRYPOINT (/opt/apache/beam/boot, the SDK harness boot program) is kept: this file sets none.
 #
 # CPU-only tagging workers can take torch's CPU wheels (a much smaller image):
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t ...:tagging-cpu .
 ARG PYTHON_VERSION=3.11
-ARG BEAM_VERSION=2.77.0
+ARG BEAM_VERSION=2.78.0
 FROM apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION}
 
 # preprocess (Beam only) or tagging (Beam + torch); see setup.cfg [options.extras_require]

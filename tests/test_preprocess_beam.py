@@ -648,7 +648,8 @@ def test_batched_whitening_equals_one_video_at_a_time_and_keeps_dead_letters(tmp
     assert counts["written_frames"] == want_counts["written_frames"]
 
 
-def test_row_groups_hold_whole_rows_of_at_least_the_target_bytes_and_lose_nothing():
+@pytest.mark.parametrize("batch_rows", [2, 8])  # 2: row groups made of several record batches
+def test_row_groups_hold_whole_rows_of_at_least_the_target_bytes_and_lose_nothing(batch_rows):
     """RowsToRowGroupsFn: every table but a bundle's last holds >= row_group_bytes of feature blobs, no table
     holds a row more than it needs, and the rows come out whole, in order, under the shards' schema."""
     schema = shards.shard_schema({"rgb": 4, "audio": 2}, dtype="float16", has_segments=False, level="frame",
@@ -662,7 +663,7 @@ def test_row_groups_hold_whole_rows_of_at_least_the_target_bytes_and_lose_nothin
                      "audio": rng.standard_normal((t, 2)).astype(np.float16).tobytes()})
     blob = [len(r["rgb"]) + len(r["audio"]) for r in rows]
     target = 1000
-    fn = preprocess.RowsToRowGroupsFn(schema, target)
+    fn = preprocess.RowsToRowGroupsFn(schema, target, batch_rows)
     fn.start_bundle()
     tables = [t for r in rows for t in fn.process(r)]
     (last,) = [w.value for w in fn.finish_bundle()]
