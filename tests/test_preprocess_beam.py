@@ -167,7 +167,7 @@ def test_train_and_validation_splits_end_to_end(raw, tmp_path):
     assert names == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
     train_sha = sha256(train / "whitening.npz")
     assert {shards.read_shard_info(str(p)).whitening_sha256 for p in (train / "shards").iterdir()} == {train_sha}
-    # Beam's sink writes the shards' codecs (pipeline.shards.writer_options): frame blobs as they are, the rest snappy
+    # the job's sink writes the shards' codecs (pipeline.shards.writer_options): frame blobs as they are, the rest snappy
     # (Beam spreads 24 records over 3 shards at random, so a shard may hold no row group at all)
     groups = [md.row_group(g) for md in (pq.ParquetFile(train / "shards" / n).metadata for n in names)
               for g in range(md.num_row_groups)]
