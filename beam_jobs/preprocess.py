@@ -22,7 +22,7 @@ one of them per invocation (``--stage fit`` / ``--stage write``):
   ``--stage fit``, whose ``fit_summary.json`` it then folds into the summary.
 
 Why two pipelines rather than one with the fitted statistics as a side input: every shard's schema records the
-SHA-256 of the whitening file and the whitened dims, and Beam's ``WriteToParquet`` fixes its schema when the
+SHA-256 of the whitening file and the whitened dims, and the shard sink (``ShardSink``) fixes its schema when the
 pipeline is built, so the statistics must exist before pass 2 is built. Fitting in this process also turns a fit
 that cannot be done (no valid frames) into a plain error message rather than a failed worker. The input is decoded
 once per pass either way, which is cheaper than materializing decoded frames between the passes. On Dataflow this

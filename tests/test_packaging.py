@@ -146,7 +146,7 @@ def test_sdist_is_what_setup_file_ships(dists):
 # What a worker of each job imports: the job module, plus the modules its DoFns load lazily on the worker.
 JOB_IMPORTS = {
     "preprocess": ["beam_jobs.preprocess", "pipeline.whitening", "pipeline.shards", "pipeline.example_proto",
-                   "apache_beam.io.fileio", "apache_beam.io.parquetio", "threadpoolctl"],
+                   "apache_beam.io.fileio", "apache_beam.io.filebasedsink", "threadpoolctl"],
     "tagging": ["beam_jobs.tag_segments", "model.evaluate", "model.tag_segments", "model.engine.segments",
                 "model.engine.device", "apache_beam.ml.inference.base", "apache_beam.utils.multi_process_shared"],
 }
