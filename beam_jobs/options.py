@@ -42,6 +42,15 @@ def is_local(options: PipelineOptions) -> bool:
     return options.view_as(StandardOptions).runner is None
 
 
+def spare_core_per_worker(options: PipelineOptions) -> bool:
+    """Whether every worker of this job has a second core to itself: only a local run with at most half as many
+    workers as the machine has cores. Dataflow starts one SDK process per vCPU, so its workers never do."""
+    if not is_local(options):
+        return False
+    workers = options.view_as(DirectOptions).direct_num_workers or 1
+    return 2 * workers <= (os.cpu_count() or 1)
+
+
 def make_pipeline_options(beam_args: Sequence[str], save_main_session: bool = True) -> PipelineOptions:
     """Beam options from the command-line arguments our own parser did not consume, with local defaults.
 

@@ -19,7 +19,9 @@ one of them per invocation (``--stage fit`` / ``--stage write``):
 * pass 2 ("write"): read -> decode -> whiten (statistics loaded once per worker in ``DoFn.setup``) -> Parquet
   shards under ``OUT/shards/``; unusable records -> ``OUT/dead_letter/``; per-bundle counts -> ``OUT/counts/``.
   ``--stage write`` takes the statistics from ``--whitening FILE`` or else from ``OUT/whitening.npz`` of an earlier
-  ``--stage fit``, whose ``fit_summary.json`` it then folds into the summary.
+  ``--stage fit``, whose ``fit_summary.json`` it then folds into the summary. Where each worker has a spare
+  core (a local run with at most half as many workers as cores; ``--whiten-ahead`` overrides), the whitening
+  matmul runs on a background thread of the worker, overlapping the rest of the pass (``WhitenVideoFn``).
 
 Why two pipelines rather than one with the fitted statistics as a side input: every shard's schema records the
 SHA-256 of the whitening file and the whitened dims, and the shard sink (``ShardSink``) fixes its schema when the
@@ -48,7 +50,9 @@ and the ``num_frames`` column), "dead_lettered" from the lines of the dead-lette
 counts from ``OUT/counts/``, where every step writes one JSON line per bundle it processed (committed with the
 bundle like any other output, so a retried bundle counts once). The same counts also go to Beam metrics; the
 summary lists those beside, says where each number came from (``sources``) and whether the two agree. The count
-lines carry each step's own time too (``stage_seconds``: read, decode, whiten, encode; summed over workers).
+lines carry each step's own time too (``stage_seconds``: read, decode, center, whiten, whiten_wait, encode; summed
+over workers; with ``--whiten-ahead`` the whitening matmul runs on a background thread, beside the other steps, and
+whiten_wait is the time the bundle's thread waited for it).
 
 Outputs: ``OUT/whitening.npz``, ``OUT/fit_summary.json``, ``OUT/shards/part-SSSSS-of-NNNNN.parquet``,
 ``OUT/dead_letter/dead-00000-of-00001.jsonl`` (always written, empty when every record was usable; one JSON object
@@ -63,6 +67,7 @@ so old and new outputs never mix.
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import json
 import logging
@@ -71,7 +76,8 @@ import posixpath
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import apache_beam as beam
@@ -91,7 +97,8 @@ from apache_beam.transforms.window import GlobalWindows
 from beam_jobs import options as job_options
 from pipeline import shards
 from pipeline.errors import RecordError, TFRecordCorruption, Yt8mError
-from pipeline.records import FEATURE_DIMS, VideoRecord, decode_record, decode_sequence_example
+from pipeline.records import (DEQUANT_BIAS, DEQUANT_SCALE, FEATURE_DIMS, VideoRecord, decode_record,
+                              decode_sequence_example)
 from pipeline.split_overlap import IdListError, read_id_list, write_id_list
 from pipeline.tfrecord import iter_records, read_records
 from pipeline.whitening import (RANK_RTOL, MomentAccumulator, WhiteningError, WhiteningSet, file_sha256,
@@ -114,6 +121,10 @@ FIT_BATCH_FRAMES = 4096
 # Frames whitened by one matmul in pass 2: 8 MB of float32 at D = 1024; past ~1000 rows the kernel runs at full
 # speed (bench/preprocess.py's "whitening matmul" rows).
 WHITEN_BATCH_FRAMES = 2048
+# Batches whose matmul runs on a background thread while the rows of earlier ones are encoded and written, where a
+# worker has a spare core: one keeps the BLAS kernel busy (bench/preprocess.py, "whiten ahead"); more only holds
+# more frames in memory.
+SPARE_CORE_WHITEN_AHEAD = 1
 # Parquet row groups of about 8 MiB uncompressed (~14 full-length float16 rgb videos): the unit model.data.video can
 # hand to separate readers when there are fewer shards than readers.
 ROW_GROUP_BYTES = 8 << 20
@@ -170,6 +181,8 @@ class JobConfig:
         stage: "all" (fit, then write), "fit" (pass 1 only) or "write" (pass 2 only).
         combine_fanout: intermediate keys of the moments combine; 0 or 1: none (one key merges everything).
         exclude_ids: text file of video ids (one per line) whose videos are neither fitted nor written, or None.
+        whiten_ahead: pass 2's batches whitened ahead on a background thread per worker (``WhitenVideoFn``); 0: none;
+            None: decided by ``resolve_whiten_ahead`` once the pipeline options are known.
     """
     input: str
     output: str
@@ -185,6 +198,7 @@ class JobConfig:
     stage: str = "all"
     combine_fanout: int = DEFAULT_COMBINE_FANOUT
     exclude_ids: str | None = None
+    whiten_ahead: int | None = None
 
     @property
     def fits(self) -> bool:
@@ -273,6 +287,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="text file of video ids, one per line ('#' comment lines and blank lines ignored; local or "
                         "gs://), e.g. the --ids-out of python -m pipeline.split_overlap: those videos are left out "
                         "of the whitening fit and of the shards, and counted in the summary")
+    p.add_argument("--whiten-ahead", type=int, default=None,
+                   help="batches of frames whose whitening matmul runs on a background thread of each worker while "
+                        "the rows before them are encoded and written; 0: all on the bundle's thread, one core per "
+                        "worker. Default: 1 where each worker has a second core to itself (a local run with at most "
+                        "half as many --direct_num_workers as cores), else 0 (Dataflow: one SDK process per vCPU)")
     return p
 
 
@@ -286,6 +305,8 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
         raise FlagError(f"--num-shards must be >= 0, got {args.num_shards}")
     if args.combine_fanout < 0:
         raise FlagError(f"--combine-fanout must be >= 0, got {args.combine_fanout}")
+    if args.whiten_ahead is not None and args.whiten_ahead < 0:
+        raise FlagError(f"--whiten-ahead must be >= 0, got {args.whiten_ahead}")
     if args.stage == "fit" and args.whitening is not None:
         raise FlagError("--stage fit fits a whitening; --whitening reuses one: give one of the two")
     output = args.output.rstrip("/") or "/"
@@ -306,7 +327,17 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
                      features=features, pca_dims=pca_dims, whitening=whitening, dtype=args.dtype,
                      epsilon=args.epsilon, mode="zca" if args.zca else "pca", num_shards=args.num_shards,
                      shrinkage=shrinkage, stage=args.stage, combine_fanout=args.combine_fanout,
-                     exclude_ids=args.exclude_ids)
+                     exclude_ids=args.exclude_ids, whiten_ahead=args.whiten_ahead)
+
+
+def resolve_whiten_ahead(cfg: JobConfig, opts: PipelineOptions) -> JobConfig:
+    """``cfg`` with ``whiten_ahead`` decided when the flag was not given: a background matmul thread per worker
+    only where each worker has a spare core (``beam_jobs.options.spare_core_per_worker``). Where it has none, the
+    thread only competes with the other workers: 2 local workers on 2 cores wrote 0.89x as fast with it
+    (bench/preprocess.py)."""
+    if cfg.whiten_ahead is not None:
+        return cfg
+    return replace(cfg, whiten_ahead=SPARE_CORE_WHITEN_AHEAD if job_options.spare_core_per_worker(opts) else 0)
 
 
 # -- file helpers (fsspec: local paths and gs:// alike) -----------------------------------------------------------
@@ -742,12 +773,18 @@ class WhitenVideoFn(beam.DoFn):
     """``(source, position, VideoRecord)`` -> Parquet row dict (``pipeline.shards.record_to_row``) with whitened
     features; tagged ``dead_letter``: a dict (reason ``not_storable``) when a whitened value overflows the storage
     dtype (float16 ends at 65504); tagged ``counts``: ``written_records``, ``written_frames``,
-    ``unwritten_segment_records``, ``whiten_seconds`` (centering and projection) and ``encode_seconds`` (the row:
-    storage dtype, finiteness check, bytes) per bundle.
+    ``unwritten_segment_records``, ``center_seconds`` (stacking, dequantizing and centering), ``whiten_seconds``
+    (the projection, on whichever thread ran it), ``whiten_wait_seconds`` (the bundle's thread waiting for a
+    background matmul) and ``encode_seconds`` (the row: storage dtype, finiteness check, bytes) per bundle.
 
     Videos are whitened ``batch_frames`` frames at a time, one matmul for several videos: a 150-frame video alone
     keeps the BLAS kernel well below the speed it reaches on a few thousand rows (``bench/preprocess.py``). A batch
     never spans bundles: what is left is whitened and emitted in ``finish_bundle``.
+
+    With ``ahead`` > 0 the matmuls run on one background thread, up to ``ahead`` batches ahead of the rows being
+    emitted: numpy releases the GIL inside BLAS, so decoding, float16 encoding and the Parquet write of one batch
+    overlap the matmul of the next, as tf.data's parallel map overlaps parsing with the consumer. Rows leave in input
+    order either way, and a failed matmul raises in the bundle that submitted it.
 
     The statistics are read from ``whitening_path`` once per DoFn instance (``setup``), not shipped inside the
     pipeline graph: a 1024-d whitening is 8 MB per feature.
@@ -761,34 +798,61 @@ class WhitenVideoFn(beam.DoFn):
             segment ratings that the schema has no columns for, ``unwritten_segment_records``.
         blas_threads: BLAS threads during a bundle (None: leave as is).
         batch_frames: frames gathered before one matmul (1: every video on its own).
+        ahead: batches whitened ahead on a background thread (0: every matmul inline, one thread).
     """
 
     def __init__(self, whitening_path: str, features: Sequence[str], dtype: str, has_segments: bool,
                  namespace: str = METRICS_NAMESPACE, blas_threads: int | None = 1,
-                 batch_frames: int = WHITEN_BATCH_FRAMES):
+                 batch_frames: int = WHITEN_BATCH_FRAMES, ahead: int = 0):
+        if ahead < 0:
+            raise ValueError(f"ahead must be >= 0, got {ahead}")
         self.whitening_path, self.features, self.dtype = whitening_path, tuple(features), dtype
         self.has_segments, self.namespace = has_segments, namespace
         self.blas = _BlasLimit(blas_threads)
         self.batch_frames = max(1, int(batch_frames))
+        self.ahead = int(ahead)
 
     def setup(self):
         whitening = WhiteningSet.load(self.whitening_path)
-        # Whitening.transform in float32, with the float32 casts of mean and projection made once, not per video.
-        self.affine = {name: (whitening[name].mean.astype(np.float32), whitening[name].projection.astype(np.float32))
-                       for name in self.features}
+        self.use_affine({name: (whitening[name].mean, whitening[name].projection) for name in self.features})
         self.written = Metrics.counter(self.namespace, "written_records")
         self.written_frames = Metrics.counter(self.namespace, "written_frames")
         self.unwritten_segments = Metrics.counter(self.namespace, "unwritten_segment_records")
         self.counts = BundleCounts("whiten")
         self.pending, self.pending_frames = [], 0
+        self.in_flight = collections.deque()  # (batch, Future of its whitened matrices), oldest first
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="whiten") if self.ahead else None
+
+    def use_affine(self, affine: dict) -> None:
+        """Whiten with ``{feature: (mean (D,), projection (D, dims))}``: ``(x - mean) @ projection``.
+
+        Kept in float32 twice, cast once here rather than per batch: as given, for float features (video level),
+        and moved into the quantized codes' domain for uint8 frames, ``(q - (mean - bias) / scale) @ (scale *
+        projection)``, the same map, so that dequantizing and centering become one pass over the codes
+        (``np.subtract`` with a float32 result) and the scale rides in the matmul."""
+        self.affine, self.code_affine = {}, {}
+        for name, (mean, projection) in affine.items():
+            mean, projection = np.asarray(mean, np.float64), np.asarray(projection, np.float64)
+            self.affine[name] = (mean.astype(np.float32), projection.astype(np.float32))
+            self.code_affine[name] = (((mean - float(DEQUANT_BIAS)) / float(DEQUANT_SCALE)).astype(np.float32),
+                                      (projection * float(DEQUANT_SCALE)).astype(np.float32))
+
+    def teardown(self):
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
 
     def start_bundle(self):
         self.counts.reset()
         self.pending, self.pending_frames = [], 0
+        self.in_flight.clear()
         self.blas.enter()
 
     def finish_bundle(self):
-        for output in self._flush():  # outside process(), every output carries its window
+        outputs = list(self._submit())
+        while self.in_flight:
+            outputs.extend(self._emit_oldest())
+        for output in outputs:  # outside process(), every output carries its window
             if isinstance(output, beam.pvalue.TaggedOutput):
                 yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
             else:
@@ -800,23 +864,59 @@ class WhitenVideoFn(beam.DoFn):
         self.pending.append(element)
         self.pending_frames += element[2].num_frames
         if self.pending_frames >= self.batch_frames:
-            yield from self._flush()
+            yield from self._submit()
 
-    def _flush(self) -> Iterator:
-        """Whiten the pending videos with one matmul per feature, then emit their rows (or dead letters)."""
+    def _submit(self) -> Iterator:
+        """Start whitening the pending videos (on the background thread, or now when ``ahead`` is 0), then emit
+        the rows of the batches that are more than ``ahead`` behind."""
         batch, self.pending, self.pending_frames = self.pending, [], 0
-        if not batch:
-            return
-        clock = time.perf_counter
-        start = clock()
-        records = [record for _, _, record in batch]
-        ends = np.cumsum([record.num_frames for record in records])
-        whitened = {}
-        for name, (mean, projection) in self.affine.items():
-            frames = records[0].features(name) if len(records) == 1 else np.concatenate(
-                [record.features(name) for record in records])  # (sum T, D)
-            whitened[name] = np.split((frames - mean) @ projection, ends[:-1])  # (sum T, dims) -> per video (T, dims)
-        self.counts.add("whiten_seconds", clock() - start)
+        if batch:
+            # the frames are stacked here, so that the background thread takes the GIL only a few times per batch:
+            # each time it must wait for this thread's Python code to let go of it
+            # centered here, so that the background thread takes the GIL only a few times per batch (each time it
+            # waits for this thread's Python code to let go of it) and spends its core on the matmul alone
+            start = time.perf_counter()
+            records = [record for _, _, record in batch]
+            ends = np.cumsum([record.num_frames for record in records])
+            centered = {name: self._center(name, [getattr(record, name) for record in records])
+                        for name in self.features}
+            self.counts.add("center_seconds", time.perf_counter() - start)
+            if self.executor is None:
+                future = Future()
+                future.set_result(self._whiten(centered, ends))
+            else:
+                future = self.executor.submit(self._whiten, centered, ends)
+            self.in_flight.append((batch, future))
+        while len(self.in_flight) > self.ahead:
+            yield from self._emit_oldest()
+
+    def _center(self, name: str, matrices: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Videos' frames of one feature stacked and centered, in the domain their dtype says -> ((sum T, D)
+        float32, its projection)."""
+        if all(m.dtype == np.uint8 for m in matrices):
+            mean, projection = self.code_affine[name]
+            codes = matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
+            return np.subtract(codes, mean, dtype=np.float32), projection  # dequantize and center, one pass
+        mean, projection = self.affine[name]
+        return np.concatenate([np.asarray(m, np.float32) for m in matrices]) - mean, projection
+
+    @staticmethod
+    def _whiten(centered: dict, ends: np.ndarray) -> tuple[dict, float]:
+        """One matmul per feature over the videos' stacked, centered frames ({feature: ((sum T, D), projection)})
+        -> ({feature: [(T, dims) float32 per video]}, seconds)."""
+        start = time.perf_counter()
+        whitened = {name: np.split(frames @ projection, ends[:-1])  # (sum T, dims) -> per video (T, dims)
+                    for name, (frames, projection) in centered.items()}
+        return whitened, time.perf_counter() - start
+
+    def _emit_oldest(self) -> Iterator:
+        """Wait for the oldest batch's matmuls, then emit its rows (or dead letters) in input order."""
+        batch, future = self.in_flight.popleft()
+        wait = time.perf_counter()
+        whitened, seconds = future.result()
+        if self.executor is not None:
+            self.counts.add("whiten_wait_seconds", time.perf_counter() - wait)
+        self.counts.add("whiten_seconds", seconds)
         for i, (source, position, record) in enumerate(batch):
             yield from self._row(source, position, record, {name: w[i] for name, w in whitened.items()})
 
@@ -1038,7 +1138,8 @@ def build_write_pipeline(p: beam.Pipeline, cfg: JobConfig, paths: Sequence[str],
         _ = excluded | "WriteExcluded" >> WriteExcluded(cfg.path(EXCLUDED))
         read_counts = (read_counts, exclude_counts) | "ReadAndExcludeCounts" >> beam.Flatten()
     whitened = videos | "Whiten" >> beam.ParDo(WhitenVideoFn(
-        whitening_path, cfg.features, cfg.dtype, has_segments, blas_threads=blas_threads)).with_outputs(
+        whitening_path, cfg.features, cfg.dtype, has_segments, blas_threads=blas_threads,
+        ahead=cfg.whiten_ahead or 0)).with_outputs(
         DEAD_LETTER, COUNTS, main="rows")
     _ = whitened.rows | "WriteShards" >> WriteShards(cfg.path("shards"), schema, cfg.num_shards)
     _ = ((unreadable, whitened[DEAD_LETTER])
@@ -1319,7 +1420,7 @@ SOURCES = {
                "reports none; compared in metrics_agree, not used for the numbers above",
 }
 # Steps whose own time the count lines carry, in pipeline order; the Parquet write is Beam's and is not timed.
-TIMED_STEPS = ("read", "decode", "whiten", "encode")
+TIMED_STEPS = ("read", "decode", "center", "whiten", "whiten_wait", "encode")
 _COUNTED = ("truncated_records", "truncated_frames", "segments_past_end", "unwritten_segment_records")
 
 
@@ -1424,6 +1525,7 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True,
     args, beam_args = get_args_parser().parse_known_args(argv)
     cfg = resolve_config(args)
     opts = job_options.make_pipeline_options(beam_args, save_main_session)
+    cfg = resolve_whiten_ahead(cfg, opts)
     new_pipeline = test_pipeline or job_options.new_pipeline
     paths = match_input(cfg.input)
     if cfg.whitening is not None:

@@ -12,7 +12,10 @@ in one invocation, and prints markdown tables:
    ``pipeline.records``); the whole job is the two together. The write pass (read, decode, whiten, write Parquet),
    as the job's summary times it, is set against the baseline: TFRecordDataset + parse_single_sequence_example +
    decode_raw in a parallel tf.data map (its threads may use every core), then the same float32 whitening in numpy
-   with the job's fitted statistics (no Parquet written). Also per CPU second: the write process's CPU time with
+   with the job's fitted statistics (no Parquet written). Every worker count runs with each ``--whiten-ahead``
+   value given (0: the whitening matmul on the bundle's thread, one core per worker; 1, the job's default: on a
+   background thread of the worker, overlapping decoding, encoding and the Parquet write as tf.data's parallel map
+   overlaps parsing). Also per CPU second: the write process's CPU time with
    its worker processes against the baseline's CPU time over all its threads. "Fixed cost" is a whole job
    (``--stage all``) on a 2-video input: process, pipeline and worker start-up.
 2. The compute bound: the whitening matmul alone, ``x @ projection`` in float32 with one BLAS thread, on the same
@@ -71,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=270, help="mean length (min + max) / 2 = 150 frames")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", default="1,2", help="comma-separated local Beam worker counts")
+    p.add_argument("--whiten-ahead", default="0,1",
+                   help="comma-separated values of the job's --whiten-ahead, each run with every worker count "
+                        "(0: the matmul on the bundle's thread; 1, the default: on a background thread)")
     p.add_argument("--features", default="rgb")
     p.add_argument("--skip-memory-and-reads", action="store_true", help="leave out tables 4 and 5")
     p.add_argument("--work", default=None, help="working directory (default: a temporary one, removed after)")
@@ -314,17 +320,19 @@ def main(args: argparse.Namespace) -> None:
     tiny = work / "tiny"
     synthetic.generate(str(tiny), videos=2, shards=1, seed=args.seed + 1, min_frames=30, max_frames=30)
     jobs, fixed, startup, loads = {}, {}, {}, {}
-    for w in [int(x) for x in args.workers.split(",")]:
-        out = str(work / f"out{w}")
-        print(f"beam job, {w} worker(s): --stage fit, then --stage write ...", flush=True)
-        fit = _run_job(str(raw), out, w, ["--features", args.features, "--stage", "fit"])
-        write = _run_job(str(raw), out, w, ["--features", args.features, "--stage", "write"])
-        jobs[w] = {"fit": fit, "write": write, "wall": fit["wall"] + write["wall"], "cpu": fit["cpu"] + write["cpu"]}
-        loads[w] = _load()
-        tiny_job = _run_job(str(tiny), str(work / f"tiny_out{w}"), w, ["--features", args.features])
-        fixed[w], startup[w] = tiny_job["wall"], tiny_job["summary"]["seconds"]["write"]
+    for a in [int(x) for x in args.whiten_ahead.split(",")]:
+        for w in [int(x) for x in args.workers.split(",")]:
+            out, ahead = str(work / f"out{w}_{a}"), ["--whiten-ahead", str(a)]
+            print(f"beam job, {w} worker(s), --whiten-ahead {a}: --stage fit, then --stage write ...", flush=True)
+            fit = _run_job(str(raw), out, w, ["--features", args.features, "--stage", "fit"])
+            write = _run_job(str(raw), out, w, ["--features", args.features, "--stage", "write", *ahead])
+            jobs[w, a] = {"fit": fit, "write": write, "wall": fit["wall"] + write["wall"],
+                          "cpu": fit["cpu"] + write["cpu"]}
+            loads[w, a] = _load()
+            tiny_job = _run_job(str(tiny), str(work / f"tiny_out{w}_{a}"), w, ["--features", args.features, *ahead])
+            fixed[w, a], startup[w, a] = tiny_job["wall"], tiny_job["summary"]["seconds"]["write"]
     first = min(jobs)
-    out = str(work / f"out{first}")
+    out = str(work / f"out{first[0]}_{first[1]}")
     whitening = str(Path(out, "whitening.npz"))
     print("tf.data baseline ...", flush=True)
     base_frames, base_s, base_cpu = tfdata_baseline(files, whitening)
@@ -347,13 +355,13 @@ def main(args: argparse.Namespace) -> None:
           "per CPU s / tf.data |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     base_per_cpu = total / base_cpu
-    for w, job in jobs.items():
+    for (w, a), job in jobs.items():
         s = job["write"]["summary"]
         assert s["written_frames"] == total and s["invariant_holds"] and s["shards_complete"], s
         write_fps = total / s["seconds"]["write"]
         per_cpu = total / job["write"]["cpu"]
-        print(f"| Beam FnApiRunner, {w} worker(s) | {job['fit']['wall']:.1f} | {job['write']['wall']:.1f} | "
-              f"{job['wall']:.1f} | {fixed[w]:.1f} | {total / job['wall']:,.0f} | {s['seconds']['write']:.1f} | "
+        print(f"| Beam FnApiRunner, {w} worker(s), whiten ahead {a} | {job['fit']['wall']:.1f} | {job['write']['wall']:.1f} | "
+              f"{job['wall']:.1f} | {fixed[w, a]:.1f} | {total / job['wall']:,.0f} | {s['seconds']['write']:.1f} | "
               f"{write_fps:,.0f} | {write_fps / base_fps:.2f} | {job['write']['cpu']:.1f} | {per_cpu:,.0f} | "
               f"{per_cpu / base_per_cpu:.2f} |")
     print(f"| tf.data parse + numpy whitening (baseline, no write) | | | | | | {base_s:.1f} | {base_fps:,.0f} | "
@@ -365,23 +373,29 @@ def main(args: argparse.Namespace) -> None:
           f"frames/s of wall time ({batched_s:.1f} s for {total} frames). One video per matmul (the tf.data "
           f"baseline's way): {per_video_fps:,.0f} frames/s ({matmul_s:.1f} s; {bound_cpu_fps:,.0f} frames per CPU "
           f"second).\n")
-    print("| run | write-pass frames/s per worker | / compute bound | read % | decode % | whiten % | encode % | "
-          "rest: Parquet write + runner + start-up % |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for w, job in jobs.items():
+    print("Percentages of the write pass's wall time per worker. With whiten ahead 0 every step runs on the bundle's "
+          "thread; with whiten ahead 1 the whitening matmul runs on the background thread, beside the "
+          "others, and \"waiting\" is the bundle's thread idle until a matmul is done; rest = the bundle's thread "
+          "outside the timed steps.\n")
+    print("| run | write-pass frames/s per worker | / compute bound | read % | decode % | dequantize + center % | "
+          "whiten % | waiting for whiten % | encode % | rest: Parquet write + runner + start-up % |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (w, a), job in jobs.items():
         s = job["write"]["summary"]
         per_worker_s = s["seconds"]["write"]  # wall time of the pass; each of w workers had this much
         fps = total / (per_worker_s * w)
         own = {k: v / w for k, v in s["stage_seconds"].items()}  # per worker
-        rest = per_worker_s - sum(own.values())
-        cells = " | ".join(f"{100 * own[k] / per_worker_s:.0f}" for k in ("read", "decode", "whiten", "encode"))
-        print(f"| Beam, {w} worker(s) (the job's step timers) | {fps:,.0f} | {fps / bound_fps:.2f} | {cells} | "
-              f"{100 * rest / per_worker_s:.0f} |")
+        on_bundle_thread = ("read", "decode", "center", "whiten_wait" if a else "whiten", "encode")
+        rest = per_worker_s - sum(own.get(k, 0.0) for k in on_bundle_thread)
+        cells = " | ".join(f"{100 * own.get(k, 0.0) / per_worker_s:.0f}"
+                           for k in ("read", "decode", "center", "whiten", "whiten_wait", "encode"))
+        print(f"| Beam, {w} worker(s), whiten ahead {a} (the job's step timers) | {fps:,.0f} | "
+              f"{fps / bound_fps:.2f} | {cells} | {100 * rest / per_worker_s:.0f} |")
     outside_total = sum(steps.values())
     print(f"| the steps outside Beam, one process (below) | {total / outside_total:,.0f} | "
           f"{total / outside_total / bound_fps:.2f} | "
           + " | ".join(f"{100 * v / outside_total:.0f}" for v in (
-              steps["read"], steps["decode"], steps["dequantize"] + steps["center"] + steps["matmul"],
+              steps["read"], steps["decode"], steps["dequantize"] + steps["center"], steps["matmul"], 0.0,
               steps["encode"])) + f" | {100 * steps['write'] / outside_total:.0f} (write only) |")
     print("\nThe same steps outside Beam, one process, same records (whiten = dequantize + center + matmul):\n")
     print("| step | seconds | frames/s | % of the steps |")
@@ -397,18 +411,20 @@ def main(args: argparse.Namespace) -> None:
         print("Start-up = the write pass of the 2-video job (pipeline build, worker processes, finalize: what does "
               "not grow with the corpus); \"net of start-up\" divides what is left of the two write passes, the "
               "speed-up a corpus large enough to amortize start-up tends to.\n")
-        print("| workers | fit pass s | write pass s | write pass start-up s | whole job s | fit speed-up | "
-              "write speed-up | write speed-up net of start-up | whole-job speed-up | CPU share, whole job | "
-              "load average (1/5/15 min) after the job |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-        base = jobs[first]
-        f1, w1 = base["fit"]["summary"]["seconds"]["fit"], base["write"]["summary"]["seconds"]["write"]
-        for w, job in jobs.items():
+        print("Each worker count against 1 worker with the same --whiten-ahead.\n")
+        print("| workers | whiten ahead | fit pass s | write pass s | write pass start-up s | whole job s | "
+              "fit speed-up | write speed-up | write speed-up net of start-up | whole-job speed-up | "
+              "CPU share, whole job | load average (1/5/15 min) after the job |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for (w, a), job in jobs.items():
+            one = min(k for k in jobs if k[1] == a)
+            base = jobs[one]
+            f1, w1 = base["fit"]["summary"]["seconds"]["fit"], base["write"]["summary"]["seconds"]["write"]
             fs, ws = job["fit"]["summary"]["seconds"]["fit"], job["write"]["summary"]["seconds"]["write"]
-            net = (w1 - startup[first]) / max(ws - startup[w], 1e-9)
-            print(f"| {w} | {fs:.1f} | {ws:.1f} | {startup[w]:.1f} | {job['wall']:.1f} | {f1 / fs:.2f} | "
-                  f"{w1 / ws:.2f} | {net:.2f} | {base['wall'] / job['wall']:.2f} | {job['cpu'] / job['wall']:.2f} | "
-                  f"{loads[w]} |")
+            net = (w1 - startup[one]) / max(ws - startup[w, a], 1e-9)
+            print(f"| {w} | {a} | {fs:.1f} | {ws:.1f} | {startup[w, a]:.1f} | {job['wall']:.1f} | {f1 / fs:.2f} | "
+                  f"{w1 / ws:.2f} | {net:.2f} | {base['wall'] / job['wall']:.2f} | "
+                  f"{job['cpu'] / job['wall']:.2f} | {loads[w, a]} |")
 
     if not args.skip_memory_and_reads:
         print("\n### 4. Peak memory of the fit path (read -> decode -> MomentsCombineFn -> fit)\n")

@@ -31,8 +31,9 @@ SEGMENT_FRAMES = 5
 
 # Official quantization: 256 levels over [-2, 2]; a byte stands for the centre of its bin.
 QUANT_MIN, QUANT_MAX = -2.0, 2.0
-_DEQUANT_SCALE = np.float32((QUANT_MAX - QUANT_MIN) / 255.0)
-_DEQUANT_BIAS = np.float32((QUANT_MAX - QUANT_MIN) / 512.0 + QUANT_MIN)
+# dequantized = code * DEQUANT_SCALE + DEQUANT_BIAS, in float32 as the official reader computes it
+DEQUANT_SCALE = np.float32((QUANT_MAX - QUANT_MIN) / 255.0)
+DEQUANT_BIAS = np.float32((QUANT_MAX - QUANT_MIN) / 512.0 + QUANT_MIN)
 
 _SEGMENT_KEYS = ("segment_start_times", "segment_end_times", "segment_labels", "segment_scores")
 
@@ -42,7 +43,7 @@ def dequantize(q: np.ndarray) -> np.ndarray:
 
     Computed in float32 in the same order as the official reader, so results equal TensorFlow's bit for bit.
     """
-    return np.asarray(q).astype(np.float32) * _DEQUANT_SCALE + _DEQUANT_BIAS
+    return np.asarray(q).astype(np.float32) * DEQUANT_SCALE + DEQUANT_BIAS
 
 
 def quantize(x: np.ndarray) -> np.ndarray:

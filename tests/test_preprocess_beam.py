@@ -18,7 +18,7 @@ import pytest
 from beam_jobs import options as job_options
 from beam_jobs import preprocess
 from pipeline import shards, synthetic
-from pipeline.records import VideoRecord, decode_sequence_example, encode_sequence_example
+from pipeline.records import VideoRecord, decode_sequence_example, dequantize, encode_sequence_example
 from pipeline.tfrecord import frame_record, read_records
 from pipeline.whitening import MomentAccumulator, WhiteningSet, fit_whitening_set
 
@@ -610,8 +610,10 @@ def _whiten_bundle(fn: "preprocess.WhitenVideoFn", elements: list) -> tuple[list
     return rows, dead, counts
 
 
-@pytest.mark.parametrize("batch_frames", [1, 25, 10**6])
-def test_batched_whitening_equals_one_video_at_a_time_and_keeps_dead_letters(tmp_path, batch_frames):
+@pytest.mark.parametrize("batch_frames,ahead", [(1, 0), (25, 0), (10**6, 0), (1, 1), (25, 1), (25, 3)])
+def test_batched_whitening_equals_one_video_at_a_time_and_keeps_dead_letters(tmp_path, batch_frames, ahead):
+    """Batches of videos per matmul, whitened inline or on the background thread ``ahead`` batches ahead: the same
+    rows, bit for bit, in input order, and the same dead letters as one video at a time inline."""
     rng = np.random.default_rng(3)
     codes = {"small": 140, "large": 200, "overflows": 255}  # dequantized: ~0.2, ~1.1, ~2.0
     elements = []
@@ -624,15 +626,18 @@ def test_batched_whitening_equals_one_video_at_a_time_and_keeps_dead_letters(tmp
     path = tmp_path / "whitening.npz"
     fit_whitening_set({"rgb": MomentAccumulator.of(rng.standard_normal((2000, 1024)))}, dims=None).save(path)
 
-    def run(batch):
-        fn = preprocess.WhitenVideoFn(str(path), ("rgb",), "float16", False, batch_frames=batch)
+    def run(batch, ahead):
+        fn = preprocess.WhitenVideoFn(str(path), ("rgb",), "float16", False, batch_frames=batch, ahead=ahead)
         fn.setup()
         # |x| * 4e4 passes float16 (65504) below ~1.6 and overflows at 2.0
-        fn.affine = {"rgb": (np.zeros(1024, np.float32), np.eye(1024, dtype=np.float32) * 4e4)}
-        return _whiten_bundle(fn, elements)
+        fn.use_affine({"rgb": (np.zeros(1024), np.eye(1024) * 4e4)})
+        try:
+            return _whiten_bundle(fn, elements)
+        finally:
+            fn.teardown()
 
-    rows, dead, counts = run(batch_frames)
-    want_rows, want_dead, want_counts = run(1)
+    rows, dead, counts = run(batch_frames, ahead)
+    want_rows, want_dead, want_counts = run(1, 0)
     assert [r["id"] for r in rows] == [f"{k}{i}" for i, k in enumerate(["small", "large", "overflows"] * 3)
                                       if k != "overflows"]
     assert [r["id"] for r in rows] == [r["id"] for r in want_rows]
@@ -646,6 +651,58 @@ def test_batched_whitening_equals_one_video_at_a_time_and_keeps_dead_letters(tmp
         (d["id"], d["reason"], d["position"]) for d in want_dead]
     assert counts["written_records"] == 6 and counts["written_frames"] == sum(r["num_frames"] for r in rows)
     assert counts["written_frames"] == want_counts["written_frames"]
+    assert (counts.get("whiten_wait_seconds", 0.0) > 0) == (ahead > 0)
+
+
+def test_a_failed_background_matmul_fails_its_bundle_and_the_next_bundle_runs(tmp_path):
+    path = tmp_path / "whitening.npz"
+    rng = np.random.default_rng(0)
+    fit_whitening_set({"rgb": MomentAccumulator.of(rng.standard_normal((2000, 1024)))}, dims=8).save(path)
+    fn = preprocess.WhitenVideoFn(str(path), ("rgb",), "float32", False, batch_frames=10, ahead=2)
+    fn.setup()
+    videos = [("in.tfrecord", i, VideoRecord(id=f"v{i}", labels=np.array([0], np.int32),
+                                              rgb=rng.integers(0, 256, (12, 1024), dtype=np.uint8)))
+              for i in range(5)]
+    try:
+        good = WhiteningSet.load(path)["rgb"]
+        fn.use_affine({"rgb": (good.mean, good.projection[:512])})  # (T, 1024) @ (512, 8) cannot multiply
+        with pytest.raises(ValueError, match="matmul"):
+            _whiten_bundle(fn, videos)
+        fn.use_affine({"rgb": (good.mean, good.projection)})
+        rows, dead, counts = _whiten_bundle(fn, videos)
+    finally:
+        fn.teardown()
+    assert [r["id"] for r in rows] == [f"v{i}" for i in range(5)] and not dead
+    assert counts["written_records"] == 5
+    assert fn.executor is None  # teardown stopped the background thread
+
+
+@pytest.mark.parametrize("level", ["frame", "video"])
+def test_whitened_rows_match_the_float64_whitening_of_the_dequantized_frames(tmp_path, level):
+    """The write pass whitens uint8 codes in the codes' domain (dequantize and center in one pass, the scale folded
+    into the projection) and float features as they are: both agree with ``Whitening.transform`` in float64 on
+    the dequantized values to float32 accuracy."""
+    rng = np.random.default_rng(5)
+    codes = rng.normal(128, 30, (3000, 1024)).clip(0, 255).astype(np.uint8)
+    frames = dequantize(codes)
+    path = tmp_path / "whitening.npz"
+    fit_whitening_set({"rgb": MomentAccumulator.of(frames)}, dims=100).save(path)
+    videos = []
+    for i, (a, b) in enumerate([(0, 700), (700, 1500), (1500, 3000)]):
+        rgb = codes[a:b] if level == "frame" else frames[a:b].mean(0, keepdims=True)
+        videos.append(("in.tfrecord", i, VideoRecord(id=f"v{i}", labels=np.array([i], np.int32), rgb=rgb)))
+    fn = preprocess.WhitenVideoFn(str(path), ("rgb",), "float32", False, batch_frames=2048, ahead=1)
+    fn.setup()
+    try:
+        rows, dead, _ = _whiten_bundle(fn, videos)
+    finally:
+        fn.teardown()
+    whitening = WhiteningSet.load(path)["rgb"]
+    assert not dead and [r["id"] for r in rows] == ["v0", "v1", "v2"]
+    for row, (_, _, record) in zip(rows, videos):
+        got = np.frombuffer(row["rgb"], np.float32).reshape(row["num_frames"], 100)
+        want = whitening.transform(record.features("rgb"), np.float64)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("batch_rows", [2, 8])  # 2: row groups made of several record batches
@@ -676,3 +733,19 @@ def test_row_groups_hold_whole_rows_of_at_least_the_target_bytes_and_lose_nothin
     assert 0 < sum(blob[start:]) < target and last.num_rows == len(rows) - start
     out = [row for t in tables + [last] for row in t.to_pylist()]
     assert out == rows
+
+
+@pytest.mark.parametrize("beam_args,flag,cores,want", [
+    (["--direct_num_workers", "1"], None, 2, 1),  # a spare core: the matmul runs on a background thread
+    (["--direct_num_workers", "2"], None, 2, 0),  # the other worker has it
+    (["--direct_num_workers", "2"], None, 4, 1),
+    ([], None, 2, 0),  # local default: one worker per core
+    (["--runner=DataflowRunner", "--project=p", "--region=r", "--temp_location=gs://b/t"], None, 64, 0),
+    (["--direct_num_workers", "2"], 3, 2, 3),  # given: kept
+])
+def test_whiten_ahead_is_on_only_where_each_worker_has_a_spare_core(monkeypatch, beam_args, flag, cores, want):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    argv = ["--input", "x.tfrecord", "--output", "out"] + ([] if flag is None else ["--whiten-ahead", str(flag)])
+    args, rest = preprocess.get_args_parser().parse_known_args(argv + beam_args)
+    opts = job_options.make_pipeline_options(rest)
+    assert preprocess.resolve_whiten_ahead(preprocess.resolve_config(args), opts).whiten_ahead == want
