@@ -822,7 +822,7 @@ class WhitenVideoFn(beam.DoFn):
         self.unwritten_segments = Metrics.counter(self.namespace, "unwritten_segment_records")
         self.counts = BundleCounts("whiten")
         self.pending, self.pending_frames = [], 0
-        self.in_flight = collections.deque()  # (batch, Future of its whitened matrices), oldest first
+        self.in_flight = collections.deque()  # (batch, frame ends, Future of its whitened matrices), oldest first
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="whiten") if self.ahead else None
         self._switch_interval = sys.getswitchinterval()
         if self.ahead:
@@ -879,8 +879,6 @@ class WhitenVideoFn(beam.DoFn):
         the rows of the batches that are more than ``ahead`` behind."""
         batch, self.pending, self.pending_frames = self.pending, [], 0
         if batch:
-            # the frames are stacked here, so that the background thread takes the GIL only a few times per batch:
-            # each time it must wait for this thread's Python code to let go of it
             # centered here, so that the background thread takes the GIL only a few times per batch (each time it
             # waits for this thread's Python code to let go of it) and spends its core on the matmul alone
             start = time.perf_counter()
@@ -891,10 +889,10 @@ class WhitenVideoFn(beam.DoFn):
             self.counts.add("center_seconds", time.perf_counter() - start)
             if self.executor is None:
                 future = Future()
-                future.set_result(self._whiten(centered, ends))
+                future.set_result(self._whiten(centered))
             else:
-                future = self.executor.submit(self._whiten, centered, ends)
-            self.in_flight.append((batch, future))
+                future = self.executor.submit(self._whiten, centered)
+            self.in_flight.append((batch, ends, future))
         while len(self.in_flight) > self.ahead:
             yield from self._emit_oldest()
 
@@ -909,24 +907,24 @@ class WhitenVideoFn(beam.DoFn):
         return np.concatenate([np.asarray(m, np.float32) for m in matrices]) - mean, projection
 
     @staticmethod
-    def _whiten(centered: dict, ends: np.ndarray) -> tuple[dict, float]:
+    def _whiten(centered: dict) -> tuple[dict, float]:
         """One matmul per feature over the videos' stacked, centered frames ({feature: ((sum T, D), projection)})
-        -> ({feature: [(T, dims) float32 per video]}, seconds)."""
+        -> ({feature: (sum T, dims) float32}, seconds)."""
         start = time.perf_counter()
-        whitened = {name: np.split(frames @ projection, ends[:-1])  # (sum T, dims) -> per video (T, dims)
-                    for name, (frames, projection) in centered.items()}
+        whitened = {name: frames @ projection for name, (frames, projection) in centered.items()}
         return whitened, time.perf_counter() - start
 
     def _emit_oldest(self) -> Iterator:
         """Wait for the oldest batch's matmuls, then emit its rows (or dead letters) in input order."""
-        batch, future = self.in_flight.popleft()
+        batch, ends, future = self.in_flight.popleft()
         wait = time.perf_counter()
         whitened, seconds = future.result()
         if self.executor is not None:
             self.counts.add("whiten_wait_seconds", time.perf_counter() - wait)
         self.counts.add("whiten_seconds", seconds)
+        per_video = {name: np.split(w, ends[:-1]) for name, w in whitened.items()}  # (sum T, dims) -> [(T, dims)]
         for i, (source, position, record) in enumerate(batch):
-            yield from self._row(source, position, record, {name: w[i] for name, w in whitened.items()})
+            yield from self._row(source, position, record, {name: w[i] for name, w in per_video.items()})
 
     def _row(self, source: str, position: int, record: VideoRecord, whitened: dict) -> Iterator:
         encode = time.perf_counter()
