@@ -125,8 +125,6 @@ WHITEN_BATCH_FRAMES = 2048
 # worker has a spare core: one keeps the BLAS kernel busy (bench/preprocess.py, "whiten ahead"); more only holds
 # more frames in memory.
 SPARE_CORE_WHITEN_AHEAD = 1
-# The interpreter's GIL switch interval while a background matmul thread runs (Python's default: 5 ms).
-GIL_SWITCH_SECONDS = float(os.environ.get("YT8M_GIL_SWITCH_SECONDS", "0.0005"))
 # Parquet row groups of about 8 MiB uncompressed (~14 full-length float16 rgb videos): the unit model.data.video can
 # hand to separate readers when there are fewer shards than readers.
 ROW_GROUP_BYTES = 8 << 20
@@ -335,7 +333,7 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
 def resolve_whiten_ahead(cfg: JobConfig, opts: PipelineOptions) -> JobConfig:
     """``cfg`` with ``whiten_ahead`` decided when the flag was not given: a background matmul thread per worker
     only where each worker has a spare core (``beam_jobs.options.spare_core_per_worker``). Where it has none, the
-    thread only competes with the other workers: 2 local workers on 2 cores wrote 0.89x as fast with it
+    thread only competes with the other workers: 2 local workers on 2 cores wrote 0.89-0.94x as fast with it
     (bench/preprocess.py)."""
     if cfg.whiten_ahead is not None:
         return cfg
@@ -824,11 +822,6 @@ class WhitenVideoFn(beam.DoFn):
         self.pending, self.pending_frames = [], 0
         self.in_flight = collections.deque()  # (batch, frame ends, Future of its whitened matrices), oldest first
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="whiten") if self.ahead else None
-        self._switch_interval = sys.getswitchinterval()
-        if self.ahead:
-            # Between two matmuls the background thread needs the GIL for a moment, and by default waits up to 5 ms
-            # for the bundle's thread to hand it over, with the core idle: a matmul of one batch takes ~40 ms.
-            sys.setswitchinterval(min(self._switch_interval, GIL_SWITCH_SECONDS))
 
     def use_affine(self, affine: dict) -> None:
         """Whiten with ``{feature: (mean (D,), projection (D, dims))}``: ``(x - mean) @ projection``.
@@ -848,7 +841,6 @@ class WhitenVideoFn(beam.DoFn):
         if getattr(self, "executor", None) is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.executor = None
-            sys.setswitchinterval(self._switch_interval)
 
     def start_bundle(self):
         self.counts.reset()
