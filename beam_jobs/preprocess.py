@@ -1355,7 +1355,10 @@ def output_counts(cfg: JobConfig) -> dict:
             pf = pq.ParquetFile(f)
             written += pf.metadata.num_rows
             if pf.metadata.num_rows:
-                table = pf.read(columns=["id", "num_frames"])
+                # One thread: with Arrow's pool, a pool thread can still be releasing the Python file's buffers
+                # (which takes the GIL) when the interpreter exits, and the process then aborts (std::terminate)
+                # after a job that succeeded.
+                table = pf.read(columns=["id", "num_frames"], use_threads=False)
                 frames += int(table.column("num_frames").to_numpy().sum())
                 ids.update(table.column("id").to_pylist())
     repeated = {vid: n for vid, n in ids.items() if n > 1}
