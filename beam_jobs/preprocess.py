@@ -183,6 +183,7 @@ class JobConfig:
         exclude_ids: text file of video ids (one per line) whose videos are neither fitted nor written, or None.
         whiten_ahead: pass 2's batches whitened ahead on a background thread per worker (``WhitenVideoFn``); 0: none;
             None: decided by ``resolve_whiten_ahead`` once the pipeline options are known.
+        whiten_batch_frames: frames stacked into one whitening matmul in pass 2; 1: one video per matmul.
     """
     input: str
     output: str
@@ -199,6 +200,7 @@ class JobConfig:
     combine_fanout: int = DEFAULT_COMBINE_FANOUT
     exclude_ids: str | None = None
     whiten_ahead: int | None = None
+    whiten_batch_frames: int = WHITEN_BATCH_FRAMES
 
     @property
     def fits(self) -> bool:
@@ -292,6 +294,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the rows before them are encoded and written; 0: all on the bundle's thread, one core per "
                         "worker. Default: 1 where each worker has a second core to itself (a local run with at most "
                         "half as many --direct_num_workers as cores), else 0 (Dataflow: one SDK process per vCPU)")
+    p.add_argument("--whiten-batch-frames", type=int, default=WHITEN_BATCH_FRAMES,
+                   help="frames of consecutive videos whitened by one matmul (default %(default)s). A row's float32 "
+                        "rounding depends on its batch, and with several workers the batches depend on how the "
+                        "runner cuts bundles; 1 whitens every video on its own, so the shards are bit-identical "
+                        "from run to run with any runner, at a few %% of the write pass's speed")
     return p
 
 
@@ -305,6 +312,8 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
         raise FlagError(f"--num-shards must be >= 0, got {args.num_shards}")
     if args.combine_fanout < 0:
         raise FlagError(f"--combine-fanout must be >= 0, got {args.combine_fanout}")
+    if args.whiten_batch_frames < 1:
+        raise FlagError(f"--whiten-batch-frames must be >= 1, got {args.whiten_batch_frames}")
     if args.whiten_ahead is not None and args.whiten_ahead < 0:
         raise FlagError(f"--whiten-ahead must be >= 0, got {args.whiten_ahead}")
     if args.stage == "fit" and args.whitening is not None:
@@ -327,7 +336,8 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
                      features=features, pca_dims=pca_dims, whitening=whitening, dtype=args.dtype,
                      epsilon=args.epsilon, mode="zca" if args.zca else "pca", num_shards=args.num_shards,
                      shrinkage=shrinkage, stage=args.stage, combine_fanout=args.combine_fanout,
-                     exclude_ids=args.exclude_ids, whiten_ahead=args.whiten_ahead)
+                     exclude_ids=args.exclude_ids, whiten_ahead=args.whiten_ahead,
+                     whiten_batch_frames=args.whiten_batch_frames)
 
 
 def resolve_whiten_ahead(cfg: JobConfig, opts: PipelineOptions) -> JobConfig:
@@ -1137,7 +1147,7 @@ def build_write_pipeline(p: beam.Pipeline, cfg: JobConfig, paths: Sequence[str],
         read_counts = (read_counts, exclude_counts) | "ReadAndExcludeCounts" >> beam.Flatten()
     whitened = videos | "Whiten" >> beam.ParDo(WhitenVideoFn(
         whitening_path, cfg.features, cfg.dtype, has_segments, blas_threads=blas_threads,
-        ahead=cfg.whiten_ahead or 0)).with_outputs(
+        batch_frames=cfg.whiten_batch_frames, ahead=cfg.whiten_ahead or 0)).with_outputs(
         DEAD_LETTER, COUNTS, main="rows")
     _ = whitened.rows | "WriteShards" >> WriteShards(cfg.path("shards"), schema, cfg.num_shards)
     _ = ((unreadable, whitened[DEAD_LETTER])

@@ -749,3 +749,30 @@ def test_whiten_ahead_is_on_only_where_each_worker_has_a_spare_core(monkeypatch,
     args, rest = preprocess.get_args_parser().parse_known_args(argv + beam_args)
     opts = job_options.make_pipeline_options(rest)
     assert preprocess.resolve_whiten_ahead(preprocess.resolve_config(args), opts).whiten_ahead == want
+
+
+def test_one_video_per_matmul_makes_a_videos_rows_independent_of_its_bundle(tmp_path):
+    """--whiten-batch-frames 1: a video's stored bytes are the same whatever videos share its bundle (how a
+    multi-worker runner cuts bundles changes from run to run), which makes the shards reproducible bit for bit."""
+    rng = np.random.default_rng(11)
+    codes = rng.normal(128, 30, (4000, 1024)).clip(0, 255).astype(np.uint8)
+    path = tmp_path / "whitening.npz"
+    fit_whitening_set({"rgb": MomentAccumulator.of(dequantize(codes))}, dims=None).save(path)
+
+    def video(i, frames):
+        return ("in.tfrecord", i, VideoRecord(id=f"v{i}", labels=np.array([0], np.int32),
+                                              rgb=rng.integers(0, 256, (frames, 1024), dtype=np.uint8)))
+
+    target = video(0, 157)
+    neighbours = [[], [video(1, 300), video(2, 41)], [video(3, 2000), video(4, 7), video(5, 222)]]
+    fn = preprocess.WhitenVideoFn(str(path), ("rgb",), "float16", False, batch_frames=1, ahead=1)
+    fn.setup()
+    try:
+        stored = set()
+        for others in neighbours:
+            for order in (others + [target], [target] + others):
+                rows, _, _ = _whiten_bundle(fn, order)
+                stored.add(next(r["rgb"] for r in rows if r["id"] == "v0"))
+    finally:
+        fn.teardown()
+    assert len(stored) == 1
