@@ -1352,25 +1352,20 @@ def _glob(directory: str, pattern: str) -> tuple[object, list[str]]:
 
 
 def output_counts(cfg: JobConfig) -> dict:
-    """Counts read back from pass 2's outputs: rows in the Parquet footers and frames in their ``num_frames``
-    column, dead-letter lines by reason, the per-bundle count lines summed (``BundleCounts``), and with
+    """Counts read back from pass 2's outputs: rows of the Parquet shards and frames in their ``num_frames``
+    column (``pipeline.shards``' reader, page checksums verified), dead-letter lines by reason, the per-bundle count lines summed (``BundleCounts``), and with
     ``--exclude-ids`` the lines of ``excluded/`` against the ids of ``exclude_ids.txt``."""
-    import pyarrow.parquet as pq
-
-    fs, paths = _glob(cfg.path("shards"), "*.parquet")
+    try:
+        paths = shards.list_shards(cfg.path("shards"))
+    except shards.NoShardsFound:
+        paths = []
     written = frames = 0
     ids: Counter = Counter()
     for path in paths:
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            written += pf.metadata.num_rows
-            if pf.metadata.num_rows:
-                # One thread: with Arrow's pool, a pool thread can still be releasing the Python file's buffers
-                # (which takes the GIL) when the interpreter exits, and the process then aborts (std::terminate)
-                # after a job that succeeded.
-                table = pf.read(columns=["id", "num_frames"], use_threads=False)
-                frames += int(table.column("num_frames").to_numpy().sum())
-                ids.update(table.column("id").to_pylist())
+        for batch in shards.iter_batches(path, columns=["id", "num_frames"]):
+            written += batch.num_rows
+            frames += int(batch.column("num_frames").to_numpy().sum())
+            ids.update(batch.column("id").to_pylist())
     repeated = {vid: n for vid, n in ids.items() if n > 1}
     dead: Counter = Counter()
     fs, paths = _glob(cfg.path("dead_letter"), "*.jsonl")

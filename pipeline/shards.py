@@ -378,7 +378,8 @@ def list_shards(path: str | os.PathLike) -> list[str]:
 
 
 @contextlib.contextmanager
-def _open_parquet(path: str | os.PathLike) -> Iterator[pq.ParquetFile]:
+def _open_parquet(path: str | os.PathLike) -> Iterator[tuple[pq.ParquetFile, bool]]:
+    """(the shard's ParquetFile, whether its row groups may be decoded on Arrow's thread pool)."""
     path = str(path)
     try:
         fs, fs_path = fsspec.core.url_to_fs(path)
@@ -387,12 +388,15 @@ def _open_parquet(path: str | os.PathLike) -> Iterator[pq.ParquetFile]:
             # halves the local read throughput of an uncompressed blob column (bench/parquet_layout.py).
             pf = pq.ParquetFile(fs_path, page_checksum_verification=True)
             try:
-                yield pf
+                yield pf, True
             finally:
                 pf.close()
             return
+        # Through a Python file object (gs:// and other fsspec stores) every read buffer is a Python object. A pool
+        # thread can still be releasing one, which takes the GIL, when the interpreter exits, and the process then
+        # aborts (std::terminate) after a run that succeeded: such shards are decoded on the calling thread.
         with fs.open(fs_path, "rb") as f:
-            yield pq.ParquetFile(f, page_checksum_verification=True)
+            yield pq.ParquetFile(f, page_checksum_verification=True), False
     except FileNotFoundError:
         raise NoShardsFound(f"shard {path} does not exist") from None
     except (pa.ArrowInvalid, OSError) as e:  # OSError: a page whose CRC does not match, a truncated file
@@ -406,13 +410,13 @@ def _info(pf: pq.ParquetFile, path: str) -> ShardInfo:
 
 def read_shard_info(path: str | os.PathLike) -> ShardInfo:
     """Parse a shard's footer: features, dtype, level, whitening hash, segment columns, row counts."""
-    with _open_parquet(path) as pf:
+    with _open_parquet(path) as (pf, _):
         return _info(pf, str(path))
 
 
 def row_group_rows(path: str | os.PathLike) -> list[int]:
     """Rows in each row group of a shard, from its footer alone."""
-    with _open_parquet(path) as pf:
+    with _open_parquet(path) as (pf, _):
         return [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
 
 
@@ -454,14 +458,14 @@ def iter_batches(path: str | os.PathLike, features: Sequence[str] | None = None,
         batch_rows: split row groups into batches of at most this many rows (default: one batch per row group).
     """
     path = str(path)
-    with _open_parquet(path) as pf:
+    with _open_parquet(path) as (pf, threads):
         info = _info(pf, path)
         cols = _resolve_columns(info, pf.schema_arrow.names, features, columns)
         groups = range(info.num_row_groups) if row_groups is None else list(row_groups)
         for g in groups:
             if not 0 <= g < info.num_row_groups:
                 raise ShardError(f"{path} has {info.num_row_groups} row groups, asked for row group {g}")
-            table = pf.read_row_group(g, columns=cols)
+            table = pf.read_row_group(g, columns=cols, use_threads=threads)
             yield from table.to_batches(max_chunksize=batch_rows)
 
 
@@ -588,13 +592,14 @@ def iter_videos(path: str | os.PathLike, features: Sequence[str] = ("rgb",), col
     if isinstance(features, str):
         features = (features,)
     for shard in list_shards(path):
-        with _open_parquet(shard) as pf:
+        with _open_parquet(shard) as (pf, threads):
             info = _info(pf, shard)
             wanted = ["labels", *(SEGMENT_COLUMNS if info.has_segments else ())] if columns is None else columns
             extra = [c for c in wanted if c not in ("id", "num_frames")]
             cols = _resolve_columns(info, pf.schema_arrow.names, features, ["id", "num_frames", *extra])
             for g in range(info.num_row_groups):
-                for batch in pf.read_row_group(g, columns=cols).to_batches(max_chunksize=batch_rows):
+                for batch in pf.read_row_group(g, columns=cols, use_threads=threads).to_batches(
+                        max_chunksize=batch_rows):
                     yield from _videos_of(batch, info, features, extra)
 
 
